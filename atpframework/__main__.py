@@ -1,0 +1,5 @@
+"""``python -m atpframework PLAN.json``: the same as the ``atpf`` command."""
+
+from .cli import main
+
+main()

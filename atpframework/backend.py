@@ -1,0 +1,85 @@
+"""The backend contract: how the engine loads a model, tokenizes, and runs hooked passes.
+
+A backend (a subclass of ``AbstractBackend`` in the ``atpframework.backends`` entry-point group)
+adapts one model library. The engine never sees library hook names: it asks for ``Site``s, and
+receives activations in the canonical layouts of ``atpframework.sites``.
+
+Rules for implementations:
+    * ``forward`` installs the given site hooks, runs one forward pass, and removes every hook it
+      installed, after success and after an exception; hooks the user had installed survive.
+    * A site hook receives the canonical activation and may return a replacement tensor of the same
+      shape (patching) or ``None``; whatever tensor the hook saw or returned must be what flows
+      downstream, so that a gradient hook registered on it receives ``dMetric/dact``.
+    * Backends import their model library inside methods, never at module import time of the core.
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from .sites import Site
+
+SiteHook = Callable[[Tensor], Tensor | None]
+"""Called with the canonical activation ``batch ...``; returns a same-shaped replacement or None."""
+
+
+class ModelInfo(BaseModel):
+    """Sizes and provenance of a loaded model, enough to compile a plan."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: str
+    architecture: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int | None
+    """None for attention-only models."""
+    d_vocab: int
+    dtype: str
+    device: str
+    positional_embedding: str
+    normalization: str
+
+
+class AbstractBackend(ABC):
+    """Adapter from one model library to the engine (see module docstring)."""
+
+    name: ClassVar[str]
+    """Entry-point name, used as ``model.backend`` in plans."""
+    supported_sites: ClassVar[frozenset[str]]
+    """Site names this backend can hook."""
+
+    info: ModelInfo
+
+    @classmethod
+    @abstractmethod
+    def load(cls, source: str, *, dtype: str, device: str, options: Mapping[str, Any]) -> "AbstractBackend":
+        """Load the model named by a plan's ``model.source`` (bundled name, local directory or hub name)."""
+
+    @classmethod
+    @abstractmethod
+    def from_model(cls, model: Any, *, tokenizer: Any = None) -> "AbstractBackend":
+        """Wrap a model object the user already holds (Python API)."""
+
+    @abstractmethod
+    def tokenize(self, text: str, prepend_bos: bool | None) -> list[int]:
+        """Token ids of ``text`` (``prepend_bos=None``: the model's default)."""
+
+    @abstractmethod
+    def forward(self, tokens: Tensor, hooks: Mapping[Site, Sequence[SiteHook]]) -> Tensor:
+        """Logits ``batch pos vocab`` of ``tokens`` (``batch pos``) with ``hooks`` installed for this pass only."""
+
+    def describe(self) -> dict[str, Any]:
+        """Model description stored in result metadata."""
+        return self.info.model_dump()
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.info.device)

@@ -1,0 +1,273 @@
+"""The engine: compile a plan against a loaded model, then execute it batch by batch.
+
+``compile_plan`` is where every check that can fail before a pass runs lives: tokenization and
+equal-length pairs, answer tokens, node selections bound to model sizes, sites the backend must
+serve. The ``CompiledPlan`` it returns lists the passes each batch will run (``explain()``, which
+``atpf PLAN --dry-run`` prints). ``execute`` runs the method on each batch and assembles the result.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import plugins
+from .backend import AbstractBackend, ModelInfo
+from .errors import PlanError
+from .metrics import NEEDS_ANSWER, Metric, MetricInputs
+from .node import BoundNodes, bind_nodes
+from .plan import AttributionPlan
+from .sites import Site
+
+
+@dataclass(frozen=True)
+class PreparedPair:
+    """A prompt pair as token ids, validated."""
+
+    clean: tuple[int, ...]
+    noise: tuple[int, ...]
+    answer: int | None
+    wrong_answer: int | None
+
+
+@dataclass(frozen=True)
+class PassStep:
+    """One pass a method runs per batch (what ``--dry-run`` shows)."""
+
+    name: str
+    kind: str
+    """``forward`` or ``backward``."""
+    count: int
+    """How many such passes per batch."""
+    rows: str
+    """What the batch rows are."""
+    sites: tuple[Site, ...] = ()
+    """Sites captured, patched or receiving gradients."""
+    action: str = ""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Pairs that share one pass: same token length, so positions align."""
+
+    pair_indices: tuple[int, ...]
+    seq_len: int
+    bound: tuple[BoundNodes, ...]
+    """The plan's node selections bound at this length (same result shapes for every batch)."""
+
+
+@dataclass(frozen=True)
+class CompiledPlan:
+    """A plan bound to a model: validated inputs, node selections, sites and the pass schedule."""
+
+    plan: AttributionPlan
+    info: ModelInfo
+    pairs: tuple[PreparedPair, ...]
+    batches: tuple[Batch, ...]
+    sites: tuple[Site, ...]
+    steps: tuple[PassStep, ...] = field(default=())
+
+    @property
+    def bound(self) -> tuple[BoundNodes, ...]:
+        return self.batches[0].bound
+
+    def explain(self) -> str:
+        """A readable description of the compiled passes and sites."""
+        info = self.info
+        lines = [
+            f"model: {info.source} ({info.architecture}, {info.n_layers} layers, {info.n_heads} heads"
+            f" / {info.n_kv_heads} kv heads, d_model {info.d_model}, {info.dtype} on {info.device})",
+            f"method: {self.plan.method.name}; metric: {self.plan.metric.name}",
+            f"prompt pairs: {len(self.pairs)} in {len(self.batches)} batch(es) of up to {self.plan.batch_size}"
+            f" (token lengths: {sorted({b.seq_len for b in self.batches})})",
+            "node selections:",
+        ]
+        for b in self.bound:
+            shape = " x ".join(f"{d}={n}" for d, n in zip(b.dims, b.shape))
+            lines.append(f"  {b.name} ({b.node.kind} on site {b.node.site}): {b.n_nodes} nodes [{shape}]")
+        by_name: dict[str, list[int]] = {}
+        for site in self.sites:
+            by_name.setdefault(site.name, []).append(site.layer)
+        lines.append(
+            f"sites captured ({len(self.sites)}): "
+            + "; ".join(f"{name} at layers {_ranges(layers)}" for name, layers in by_name.items())
+        )
+        lines.append("passes per batch:")
+        for step in self.steps:
+            lines.append(f"  {step.count} x {step.kind:8s} {step.name}: {step.rows}; {step.action}")
+        totals = {"forward": 0, "backward": 0}
+        for step in self.steps:
+            totals[step.kind] += step.count
+        lines.append(
+            f"total per batch: {totals['forward']} forward, {totals['backward']} backward;"
+            f" whole plan: {totals['forward'] * len(self.batches)} forward, {totals['backward'] * len(self.batches)} backward"
+        )
+        return "\n".join(lines)
+
+
+def _ranges(values: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``0-2, 5``."""
+    out: list[str] = []
+    for v in sorted(values):
+        if out and v == int(out[-1].split("-")[-1]) + 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{v}"
+        else:
+            out.append(str(v))
+    return ", ".join(out)
+
+
+def compile_plan(plan: AttributionPlan, backend: AbstractBackend) -> CompiledPlan:
+    """Validate ``plan`` against the loaded model and schedule its passes (no pass runs)."""
+    from .methods import get_method
+
+    info = backend.info
+    pairs = tuple(_prepare_pair(plan, backend, i) for i in range(len(plan.prompts)))
+    position = plan.metric.position
+    for i, pair in enumerate(pairs):
+        if not -len(pair.clean) <= position < len(pair.clean):
+            raise PlanError(f"metric.position: {position} is outside prompts[{i}] ({len(pair.clean)} tokens)")
+
+    nodes = [plugins.load("nodes", spec.kind)() for spec in plan.nodes]
+    for spec, node in zip(plan.nodes, nodes):
+        if node.site not in backend.supported_sites:
+            raise PlanError(f"node kind {spec.kind!r} reads site {node.site!r}, which the {backend.name} backend does not serve")
+
+    lengths = sorted({len(p.clean) for p in pairs})
+    bound_by_len: dict[int, tuple[BoundNodes, ...]] = {}
+    for length in lengths:
+        bound_by_len[length] = tuple(
+            bind_nodes(spec, node, info, length, f"nodes[{i}]") for i, (spec, node) in enumerate(zip(plan.nodes, nodes))
+        )
+    first = bound_by_len[lengths[0]]
+    for length in lengths[1:]:
+        for i, (a, b) in enumerate(zip(first, bound_by_len[length])):
+            if a.shape != b.shape:
+                raise PlanError(
+                    f"nodes[{i}].positions: 'each' needs every prompt pair to have the same token length, "
+                    f"got lengths {lengths}; select positions by a list (e.g. [-1]) or 'all'"
+                )
+
+    batches = []
+    for length in lengths:
+        members = [i for i, p in enumerate(pairs) if len(p.clean) == length]
+        for start in range(0, len(members), plan.batch_size):
+            batches.append(Batch(tuple(members[start : start + plan.batch_size]), length, bound_by_len[length]))
+
+    sites = sorted({Site(b.node.site, layer) for b in first for entry in b.layers.entries for layer in entry})
+    compiled = CompiledPlan(plan, info, pairs, tuple(batches), tuple(sites))
+    method = get_method(plan.method.name)
+    return CompiledPlan(plan, info, pairs, tuple(batches), tuple(sites), tuple(method.schedule(compiled)))
+
+
+def _prepare_pair(plan: AttributionPlan, backend: AbstractBackend, i: int) -> PreparedPair:
+    pair = plan.prompts[i]
+    where = f"prompts[{i}]"
+
+    def ids(value: str | list[int], field_name: str) -> tuple[int, ...]:
+        if isinstance(value, str):
+            out = backend.tokenize(value, plan.prepend_bos)
+        else:
+            out = list(value)
+        if not out:
+            raise PlanError(f"{where}.{field_name}: tokenizes to no tokens")
+        bad = [t for t in out if not 0 <= t < backend.info.d_vocab]
+        if bad:
+            raise PlanError(f"{where}.{field_name}: token id {bad[0]} outside the vocabulary (0..{backend.info.d_vocab - 1})")
+        return tuple(out)
+
+    def single(value: str | int | None, field_name: str) -> int | None:
+        if value is None:
+            if field_name in NEEDS_ANSWER.get(plan.metric.name, ()):
+                raise PlanError(f"{where}.{field_name}: required by metric {plan.metric.name!r}")
+            return None
+        if isinstance(value, int):
+            if not 0 <= value < backend.info.d_vocab:
+                raise PlanError(f"{where}.{field_name}: token id {value} outside the vocabulary (0..{backend.info.d_vocab - 1})")
+            return value
+        toks = backend.tokenize(value, prepend_bos=False)
+        if len(toks) != 1:
+            raise PlanError(f"{where}.{field_name}: {value!r} is {len(toks)} tokens {toks}; it must be exactly one token")
+        return toks[0]
+
+    clean, noise = ids(pair.clean, "clean"), ids(pair.noise, "noise")
+    if len(clean) != len(noise):
+        raise PlanError(
+            f"{where}: the clean prompt is {len(clean)} tokens and the noise prompt {len(noise)}; "
+            "a pair must tokenize to the same length so positions align"
+        )
+    return PreparedPair(clean, noise, single(pair.answer, "answer"), single(pair.wrong_answer, "wrong_answer"))
+
+
+@dataclass
+class BatchRun:
+    """What a method reads for one batch."""
+
+    compiled: CompiledPlan
+    batch: Batch
+    backend: AbstractBackend
+    metric: Metric
+    clean_tokens: Tensor
+    """``batch pos``"""
+    noise_tokens: Tensor
+    """``batch pos``"""
+
+    def metric_inputs(self, tokens: Tensor, repeat: int = 1) -> MetricInputs:
+        pairs = [self.compiled.pairs[i] for i in self.batch.pair_indices]
+        device = tokens.device
+
+        def column(values: list[int | None]) -> Tensor | None:
+            if any(v is None for v in values):
+                return None
+            return torch.tensor(values, device=device).repeat(repeat)
+
+        return MetricInputs(
+            tokens=tokens,
+            answer=column([p.answer for p in pairs]),
+            wrong_answer=column([p.wrong_answer for p in pairs]),
+            position=self.compiled.plan.metric.position,
+        )
+
+
+@dataclass
+class BatchScores:
+    """A method's output for one batch."""
+
+    scores: dict[str, Tensor]
+    """Result name -> ``batch layer *axes`` per-pair signed effects."""
+    metric_clean: Tensor
+    metric_noise: Tensor
+
+
+def execute(
+    compiled: CompiledPlan,
+    backend: AbstractBackend,
+    metric: Metric,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Run every batch; return per-pair scores (``pair layer *axes``), clean and noise metric values."""
+    from .methods import get_method
+
+    method = get_method(compiled.plan.method.name)
+    n = len(compiled.pairs)
+    scores = {b.name: torch.zeros((n,) + b.shape, dtype=torch.float32) for b in compiled.bound}
+    metric_clean = torch.zeros(n, dtype=torch.float32)
+    metric_noise = torch.zeros(n, dtype=torch.float32)
+    for batch in compiled.batches:
+        idx = list(batch.pair_indices)
+        run = BatchRun(
+            compiled,
+            batch,
+            backend,
+            metric,
+            torch.tensor([compiled.pairs[i].clean for i in idx], device=backend.device),
+            torch.tensor([compiled.pairs[i].noise for i in idx], device=backend.device),
+        )
+        out = method.run_batch(run)
+        for name, value in out.scores.items():
+            scores[name][idx] = value.detach().float().cpu()
+        metric_clean[idx] = out.metric_clean.detach().float().cpu()
+        metric_noise[idx] = out.metric_noise.detach().float().cpu()
+        if progress is not None:
+            progress(len(idx))
+    return scores, metric_clean, metric_noise

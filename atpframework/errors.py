@@ -1,0 +1,26 @@
+"""The exception hierarchy: every error a user can act on is an ``AtpfError``.
+
+Each class also derives from the builtin it refines, so ``except ValueError`` keeps working.
+Messages say what failed (with the plan location, e.g. ``nodes[1].heads``), the offending value,
+and what is allowed.
+"""
+
+
+class AtpfError(Exception):
+    """Base of every error raised on purpose by atpframework."""
+
+
+class PlanError(AtpfError, ValueError):
+    """The plan is malformed or asks for something the model cannot do (CLI exit code 2)."""
+
+
+class PluginError(AtpfError, LookupError):
+    """A backend or node plugin is unknown, fails to import, or does not honour its contract."""
+
+
+class BackendError(AtpfError, RuntimeError):
+    """The backend failed while loading or running the model (CLI exit code 1)."""
+
+
+class SchemaError(AtpfError, ValueError):
+    """A result file is not an atpframework result, or was written by a newer schema."""

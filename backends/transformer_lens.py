@@ -1,0 +1,231 @@
+"""The TransformerLens backend: ``HookedTransformer`` (and sae_lens's ``HookedSAETransformer``) and
+``TransformerBridge`` models of TransformerLens 3.9.
+
+Sites map to TransformerLens hook points (``blocks.{l}.attn.hook_z`` ...). Hooks are PyTorch forward
+hooks on those ``HookPoint`` modules, owned by one ``forward`` call and removed in ``finally``, so
+hooks the user added through TransformerLens survive. Models loaded from a Hugging Face directory
+get their TransformerLens config from the local ``config.json`` (never the hub) and keep their
+weights unprocessed (no LayerNorm folding or centering), so activations equal the Hugging Face
+model's.
+"""
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from atpframework.backend import AbstractBackend, ModelInfo, SiteHook
+from atpframework.bundled import BUNDLED_PREFIX, bundled_model_dir
+from atpframework.errors import BackendError, PlanError
+from atpframework.sites import SITE_NAMES, Site
+
+_MODEL_CLASSES = ("hooked_transformer", "bridge")
+_OPTIONS = {"model_class"}
+_HEAD_SITES = {"attn_z", "attn_q", "attn_k", "attn_v"}
+
+
+class TransformerLensBackend(AbstractBackend):
+    """Runs plans on TransformerLens models."""
+
+    name = "transformer_lens"
+    supported_sites = frozenset(SITE_NAMES)
+
+    def __init__(self, model: Any, tokenizer: Any = None, source: str = "in_memory") -> None:
+        from transformer_lens import HookedTransformer
+
+        try:
+            from transformer_lens.model_bridge import TransformerBridge
+        except ImportError:  # pragma: no cover - TL without the bridge
+            TransformerBridge = ()  # type: ignore[assignment,misc]
+        if not isinstance(model, (HookedTransformer, TransformerBridge)):
+            raise BackendError(
+                f"the transformer_lens backend serves HookedTransformer or TransformerBridge models, got {type(model).__name__}"
+            )
+        if model.training:
+            raise BackendError("the model is in training mode (dropout would make patching noisy); call model.eval() first")
+        self.model = model
+        self.is_bridge = not isinstance(model, HookedTransformer)
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        cfg = model.cfg
+        rotary = getattr(cfg, "positional_embedding_type", "standard") == "rotary"
+        self._qk_hook = "hook_rot_{}" if rotary and not self.is_bridge else "hook_{}"
+        param = next(model.parameters())
+        self.info = ModelInfo(
+            source=source,
+            architecture=str(getattr(cfg, "original_architecture", None) or type(model).__name__),
+            n_layers=cfg.n_layers,
+            d_model=cfg.d_model,
+            n_heads=cfg.n_heads,
+            n_kv_heads=getattr(cfg, "n_key_value_heads", None) or cfg.n_heads,
+            d_head=cfg.d_head,
+            d_mlp=None if getattr(cfg, "attn_only", False) else cfg.d_mlp,
+            d_vocab=cfg.d_vocab_out if getattr(cfg, "d_vocab_out", -1) > 0 else cfg.d_vocab,
+            dtype=str(param.dtype).removeprefix("torch."),
+            device=str(param.device),
+            positional_embedding=str(getattr(cfg, "positional_embedding_type", "standard")),
+            normalization=str(getattr(cfg, "normalization_type", None) or "none"),
+        )
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def from_model(cls, model: Any, *, tokenizer: Any = None) -> "TransformerLensBackend":
+        return cls(model, tokenizer=tokenizer)
+
+    @classmethod
+    def load(cls, source: str, *, dtype: str, device: str, options: Mapping[str, Any]) -> "TransformerLensBackend":
+        unknown = set(options) - _OPTIONS
+        if unknown:
+            raise PlanError(f"model.options: unknown option(s) {sorted(unknown)} for the transformer_lens backend; allowed: {sorted(_OPTIONS)}")
+        model_class = options.get("model_class", "hooked_transformer")
+        if model_class not in _MODEL_CLASSES:
+            raise PlanError(f"model.options.model_class: allowed: {', '.join(_MODEL_CLASSES)} (got {model_class!r})")
+        if source == "in_memory":
+            raise PlanError("model.source: 'in_memory' needs the model object, passed through the Python API (run(plan, model=...))")
+        torch_dtype = getattr(torch, dtype)
+        if source.startswith(BUNDLED_PREFIX):
+            hf_dir = bundled_model_dir(source)
+            return cls._from_hf_dir(hf_dir, source, torch_dtype, device, model_class, prepend_bos=False)
+        if Path(source).is_dir():
+            return cls._from_hf_dir(Path(source), source, torch_dtype, device, model_class, prepend_bos=None)
+        return cls._from_hub(source, torch_dtype, device, model_class)
+
+    @classmethod
+    def _from_hub(cls, name: str, dtype: torch.dtype, device: str, model_class: str) -> "TransformerLensBackend":
+        try:
+            if model_class == "bridge":
+                from transformer_lens.model_bridge import TransformerBridge
+
+                model = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+            else:
+                from transformer_lens import HookedTransformer
+
+                model = HookedTransformer.from_pretrained(
+                    name, device=device, dtype=dtype, fold_ln=False, center_writing_weights=False,
+                    center_unembed=False, fold_value_biases=False,
+                )
+        except Exception as err:
+            raise BackendError(
+                f"model.source: could not load {name!r} from the model hub ({type(err).__name__}: {err}). "
+                "It is neither a local directory nor a bundled model (bundled: smollm2-135m-instruct)."
+            ) from err
+        return cls(model.eval(), source=name)
+
+    @classmethod
+    def _from_hf_dir(
+        cls, path: Path, source: str, dtype: torch.dtype, device: str, model_class: str, prepend_bos: bool | None
+    ) -> "TransformerLensBackend":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception:  # a weights-only directory: token-id prompts still work
+            tokenizer = None
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
+        except Exception as err:
+            raise BackendError(f"model.source: cannot load a Hugging Face model from {str(path)!r}: {err}") from err
+        if prepend_bos is None:
+            prepend_bos = _tokenizer_adds_bos(tokenizer)
+        if model_class == "bridge":
+            from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+            model = build_bridge_from_module(
+                hf_model, hf_model.config.architectures[0], hf_config=hf_model.config, tokenizer=tokenizer
+            )
+            model.cfg.default_prepend_bos = prepend_bos
+            return cls(model.to(device).eval(), tokenizer=tokenizer, source=source)
+        return cls(_hooked_transformer_from_hf(path, hf_model, tokenizer, dtype, device, prepend_bos), tokenizer, source)
+
+    # ----------------------------------------------------------------- running
+    def tokenize(self, text: str, prepend_bos: bool | None) -> list[int]:
+        if self.tokenizer is None:
+            raise PlanError("prompts: this model has no tokenizer; give prompts as token ids")
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if prepend_bos is None:
+            prepend_bos = bool(getattr(self.model.cfg, "default_prepend_bos", False))
+        if prepend_bos:
+            if self.tokenizer.bos_token_id is None:
+                raise PlanError("prepend_bos: the tokenizer has no BOS token")
+            ids = [self.tokenizer.bos_token_id] + ids
+        return ids
+
+    def hook_name(self, site: Site) -> str:
+        """The TransformerLens hook point serving ``site``."""
+        n = self.info.n_layers
+        if site.name == "resid":
+            return f"blocks.{site.layer}.hook_resid_pre" if site.layer < n else f"blocks.{n - 1}.hook_resid_post"
+        return {
+            "attn_z": f"blocks.{site.layer}.attn.hook_z",
+            "attn_q": f"blocks.{site.layer}.attn.{self._qk_hook.format('q')}",
+            "attn_k": f"blocks.{site.layer}.attn.{self._qk_hook.format('k')}",
+            "attn_v": f"blocks.{site.layer}.attn.hook_v",
+            "mlp_post": f"blocks.{site.layer}.mlp.hook_post",
+        }[site.name]
+
+    def forward(self, tokens: Tensor, hooks: Mapping[Site, Sequence[SiteHook]]) -> Tensor:
+        handles = []
+        try:
+            for site, fns in hooks.items():
+                point = self.model.hook_dict[self.hook_name(site)]
+                handles.append(point.register_forward_hook(self._wrap(site, list(fns))))
+            return self.model(tokens.to(self.device), return_type="logits")
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _wrap(self, site: Site, fns: list[SiteHook]):
+        d_head = self.info.d_head
+
+        def hook(module: torch.nn.Module, inputs: Any, output: Tensor) -> Tensor:
+            flat = site.name in _HEAD_SITES and output.dim() == 3  # bridges may expose heads flattened
+            act = rearrange(output, "batch pos (head d_head) -> batch pos head d_head", d_head=d_head) if flat else output
+            for fn in fns:
+                replaced = fn(act)
+                if replaced is not None:
+                    act = replaced
+            return rearrange(act, "batch pos head d_head -> batch pos (head d_head)") if flat else act
+
+        return hook
+
+
+def _tokenizer_adds_bos(tokenizer: Any) -> bool:
+    if tokenizer is None or tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def _hooked_transformer_from_hf(
+    path: Path, hf_model: Any, tokenizer: Any, dtype: torch.dtype, device: str, prepend_bos: bool
+) -> Any:
+    """Build a HookedTransformer from a local HF directory with TransformerLens's converters, offline."""
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedTransformer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # TransformerLens guesses the architecture from substrings such as "llama" in the name before
+        # reading config.json; a neutral symlink makes it read the local config.
+        neutral = Path(tmp) / "local-model"
+        os.symlink(path.resolve(), neutral)
+        try:
+            cfg = loading.get_pretrained_model_config(
+                str(neutral), device=device, dtype=dtype, default_prepend_bos=prepend_bos
+            )
+            if tokenizer is None:
+                cfg.tokenizer_name = None  # otherwise TransformerLens tries to load one from the path
+            model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
+            state = loading.get_pretrained_state_dict(str(neutral), cfg, hf_model=hf_model)
+        except Exception as err:
+            raise BackendError(
+                f"model.source: TransformerLens cannot convert the architecture in {str(path)!r} "
+                f"({type(err).__name__}: {err}); try model.options.model_class = 'bridge'"
+            ) from err
+    model.load_and_process_state_dict(
+        state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
+    )
+    return model.eval()

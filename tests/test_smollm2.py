@@ -1,0 +1,53 @@
+"""Real-model checks on the bundled SmolLM2-135M-Instruct (Llama: RMSNorm, RoPE, GQA, gated MLP).
+
+The first run dequantizes the bundled GGUF into the cache (about 40 s); later runs reuse it.
+"""
+
+import pytest
+import torch
+
+import atpframework as af
+
+pytestmark = pytest.mark.smollm2
+
+IOI = {
+    "clean": "When Mary and John went to the store, John gave a drink to",
+    "noise": "When Mary and John went to the store, Mary gave a drink to",
+    "answer": " Mary",
+    "wrong_answer": " John",
+}
+
+
+@pytest.fixture(scope="module")
+def backend():
+    pytest.importorskip("gguf")
+    plan = af.as_plan({"model": {"source": "bundled:smollm2-135m-instruct"}, "prompts": [IOI],
+                       "nodes": [{"kind": "attn_head"}], "method": {"name": "atp"}})
+    return af.load_backend(plan)
+
+
+def test_transformer_lens_logits_match_hugging_face(backend):
+    from transformers import AutoModelForCausalLM
+
+    from atpframework.bundled import bundled_model_dir
+
+    hf = AutoModelForCausalLM.from_pretrained(bundled_model_dir("bundled:smollm2-135m-instruct"), dtype=torch.float32).eval()
+    tokens = torch.tensor([backend.tokenize(IOI["clean"], None)])
+    with torch.no_grad():
+        diff = (hf(tokens).logits - backend.forward(tokens, {})).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_ioi_top_heads_by_atp_agree_with_exact_patching(backend):
+    nodes = [{"kind": "attn_head", "positions": [-1]}]
+    plan = {"model": {"source": "bundled:smollm2-135m-instruct"}, "prompts": [IOI], "nodes": nodes}
+    atp = af.run(dict(plan, method={"name": "atp"}), backend=backend)
+    exact = af.run(dict(plan, method={"name": "activation_patching", "nodes_per_pass": 30}), backend=backend)
+    assert atp.metric_clean[0] > 0, "the model should prefer ' Mary' on the clean IOI prompt"
+    assert torch.equal(atp.metric_clean, exact.metric_clean)
+
+    def top5(result):
+        return {(r.coords["layer"], r.coords["head"]) for r in result.top_k(5)}
+
+    overlap = top5(atp) & top5(exact)
+    assert len(overlap) >= 3, (top5(atp), top5(exact))
