@@ -114,9 +114,18 @@ class AttributionPlan(_Strict):
         return json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
 
 
+_plan_models: dict[tuple[type, ...], type[AttributionPlan]] = {}
+
+
 def plan_model(node_kinds: list[str]) -> type[AttributionPlan]:
     """The plan class whose ``nodes`` accept exactly the given node kinds (imports their plugins)."""
-    specs = [plugins.load("nodes", k).spec_type for k in dict.fromkeys(node_kinds)]
+    specs = tuple(plugins.load("nodes", k).spec_type for k in dict.fromkeys(node_kinds))
+    if specs not in _plan_models:
+        _plan_models[specs] = _build_plan_model(specs)
+    return _plan_models[specs]
+
+
+def _build_plan_model(specs: tuple[type, ...]) -> type[AttributionPlan]:
     if len(specs) == 1:
         node_type: Any = specs[0]
     else:
@@ -198,7 +207,7 @@ def format_location(loc: tuple[Any, ...], tags: set[str]) -> str:
             # union branch names like "list[int]" or "literal['each','all']" add nothing for users
             continue
         out += f".{part}" if out else str(part)
-        prev_index = False
+        prev_index = out == "method"  # the method union's tag follows "method" as a node's follows "nodes[i]"
     return out or "plan"
 
 
@@ -208,7 +217,7 @@ def format_validation_error(err: ValidationError, kinds: list[str]) -> str:
     lines: dict[str, str] = {}
     for e in err.errors():
         loc = format_location(tuple(e["loc"]), tags)
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         elif e["type"] in {"literal_error", "union_tag_invalid"}:

@@ -9,6 +9,7 @@ weights unprocessed (no LayerNorm folding or centering), so activations equal th
 model's.
 """
 
+import json
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -200,6 +201,14 @@ def _tokenizer_adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
+def _config_for_transformer_lens(config_path: Path) -> dict[str, Any]:
+    """The HF config with fields TransformerLens 3.9 reads but transformers 5 no longer writes (GPT-2's ``n_ctx``)."""
+    config = json.loads(config_path.read_text())
+    if config.get("model_type") == "gpt2" and "n_ctx" not in config and "n_positions" in config:
+        config["n_ctx"] = config["n_positions"]
+    return config
+
+
 def _hooked_transformer_from_hf(
     path: Path, hf_model: Any, tokenizer: Any, dtype: torch.dtype, device: str, prepend_bos: bool
 ) -> Any:
@@ -211,7 +220,11 @@ def _hooked_transformer_from_hf(
         # TransformerLens guesses the architecture from substrings such as "llama" in the name before
         # reading config.json; a neutral symlink makes it read the local config.
         neutral = Path(tmp) / "local-model"
-        os.symlink(path.resolve(), neutral)
+        neutral.mkdir()
+        for item in path.resolve().iterdir():
+            if item.name != "config.json":
+                os.symlink(item, neutral / item.name)
+        (neutral / "config.json").write_text(json.dumps(_config_for_transformer_lens(path / "config.json")))
         try:
             cfg = loading.get_pretrained_model_config(
                 str(neutral), device=device, dtype=dtype, default_prepend_bos=prepend_bos

@@ -69,6 +69,27 @@ def make_plan(nodes, method="atp", prompts=None, metric="logit_diff", **extra):
     return plan
 
 
+def save_tiny_gpt2(path):
+    """A tiny random GPT-2 saved as a Hugging Face directory (weights and config, no tokenizer).
+
+    Saved by transformers 5, whose config.json lacks ``n_ctx``: the backend must cope (TransformerLens reads it).
+    """
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=D_VOCAB, n_positions=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.GPT2LMHeadModel(config).eval().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny GPT-2 Hugging Face directory shared by a test module."""
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
+
+
 @pytest.fixture(params=sorted(ARCHITECTURES))
 def arch_model(request):
     return request.param, tiny_model(**ARCHITECTURES[request.param])

@@ -154,3 +154,14 @@ def test_bridge_matches_hooked_transformer_on_the_same_weights(tmp_path):
             a, b = results["bridge"][name].per_pair, results["hooked_transformer"][name].per_pair
             assert b.abs().max() > 1e-3, (method, name)
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"{method} {name}")
+
+
+def test_atp_with_frozen_weights_equals_atp_with_trainable_weights():
+    """Users often freeze parameters; gradients at the sites must still arrive and be the same."""
+    plan = make_plan([{"kind": k} for k in ALL_KINDS])
+    trainable = af.run(plan, model=tiny_model())
+    frozen_model = tiny_model()
+    frozen_model.requires_grad_(False)
+    frozen = af.run(plan, model=frozen_model)
+    for name in trainable.nodes:
+        torch.testing.assert_close(frozen[name].per_pair, trainable[name].per_pair, msg=name)

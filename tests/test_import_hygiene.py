@@ -1,0 +1,107 @@
+"""Import hygiene: the core imports no model library, exports what it says, and installs no generic
+top-level package names (``backends``, ``nodes`` live under ``atpframework``)."""
+
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import atpframework
+
+HEAVY = ("transformer_lens", "transformers", "sae_lens")
+
+
+def run_python(code, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_core_and_schema_import_no_model_library(tmp_path):
+    out = run_python(
+        f"""
+        import json, sys
+        import atpframework
+        after_import = [m for m in {HEAVY!r} if m in sys.modules]
+        schema = atpframework.plan_json_schema()
+        plan = atpframework.parse_plan({{
+            "model": {{"source": "in_memory"}},
+            "prompts": [{{"clean": [1, 2], "noise": [1, 3], "answer": 2, "wrong_answer": 3}}],
+            "nodes": [{{"kind": "attn_head"}}, {{"kind": "mlp_neuron"}}, {{"kind": "resid"}}],
+            "method": {{"name": "atp"}},
+        }})
+        loaded = sorted(m for m in sys.modules if m.startswith("atpframework.nodes."))
+        print(json.dumps(dict(
+            after_import=after_import,
+            after_schema=[m for m in {HEAVY!r} if m in sys.modules or any(k.startswith(m + ".") for k in sys.modules)],
+            n_kinds=len(schema["properties"]["nodes"]["items"]["oneOf"]),
+            loaded=loaded,
+            backend_module="atpframework.backends.transformer_lens" in sys.modules,
+        )))
+        """,
+        cwd=tmp_path,
+    )
+    assert out["after_import"] == []
+    assert out["after_schema"] == []
+    assert out["n_kinds"] >= 6
+    # the schema and the plan really did import the node plugins, and still nothing heavy
+    assert {"atpframework.nodes.attn_head", "atpframework.nodes.mlp_neuron", "atpframework.nodes.resid"} <= set(out["loaded"])
+    assert out["backend_module"] is False
+
+
+@pytest.mark.parametrize("name", atpframework.__all__)
+def test_every_public_name_is_importable(name):
+    assert hasattr(atpframework, name)
+    namespace = {}
+    exec(f"from atpframework import {name}", namespace)
+    assert namespace[name] is getattr(atpframework, name)
+
+
+def test_all_has_no_duplicates_and_lists_the_main_api():
+    assert len(atpframework.__all__) == len(set(atpframework.__all__))
+    for required in ("run", "compile", "parse_plan", "load_plan", "load_result", "plan_json_schema", "PlanError",
+                     "SchemaError", "PluginError", "AbstractNode", "AbstractBackend", "NodeSpec", "AttributionPlan"):
+        assert required in atpframework.__all__
+
+
+def test_backends_and_nodes_are_not_top_level_modules(tmp_path):
+    out = run_python(
+        """
+        import importlib, json
+        status = {}
+        for name in ("backends", "nodes", "atpframework.backends", "atpframework.nodes",
+                     "atpframework.nodes.attn_head", "atpframework.backends.transformer_lens"):
+            try:
+                importlib.import_module(name)
+                status[name] = "ok"
+            except ModuleNotFoundError as err:
+                status[name] = f"missing: {err.name}"
+        print(json.dumps(status))
+        """,
+        cwd=tmp_path,
+    )
+    assert out["backends"] == "missing: backends"
+    assert out["nodes"] == "missing: nodes"
+    assert out["atpframework.backends"] == "ok"
+    assert out["atpframework.nodes"] == "ok"
+    assert out["atpframework.nodes.attn_head"] == "ok"
+    assert out["atpframework.backends.transformer_lens"] == "ok"
+
+
+def test_installed_subpackages_map_to_the_repo_folders():
+    import atpframework.backends
+    import atpframework.nodes
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(atpframework.__file__)))
+    assert os.path.dirname(os.path.abspath(atpframework.nodes.__file__)).endswith("nodes")
+    assert os.path.dirname(os.path.abspath(atpframework.backends.__file__)).endswith("backends")
+    if os.path.isdir(os.path.join(repo, "nodes")):  # an editable install of this checkout
+        assert importlib.util.find_spec("atpframework.nodes.attn_head").origin == os.path.join(repo, "nodes", "attn_head.py")

@@ -1,0 +1,221 @@
+"""Plugins: a third-party node type installed as a real distribution and run through the CLI, plus
+in-process discovery, registration and contract checks."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+from typing import Literal
+
+import pytest
+import torch
+from conftest import make_plan, tiny_model
+
+import atpframework as af
+from atpframework import AbstractNode, NodeSpec, PlanError, PluginError, plugins
+from atpframework.backend import ModelInfo
+
+PLUGIN_DIST = os.path.join(os.path.dirname(__file__), "plugin_dist")
+BUILTIN_KINDS = ["attn_head", "attn_k", "attn_q", "attn_v", "mlp_neuron", "resid"]
+PROMPTS = [
+    {"clean": [1, 2, 3, 4, 5, 6], "noise": [1, 9, 3, 4, 11, 6], "answer": 3, "wrong_answer": 4},
+    {"clean": [7, 8, 2, 4, 5, 1], "noise": [7, 8, 12, 4, 5, 13], "answer": 6, "wrong_answer": 2},
+]
+PLUGIN_VS_BUILTIN = [{"kind": "mlp_neuron_sum"}, {"kind": "mlp_neuron", "positions": "each", "neurons": "all"}]
+
+
+def subprocess_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory):
+    """The example plugin distribution pip-installed into a private directory (built from a copy,
+    so the build leaves nothing in the source tree)."""
+    root = tmp_path_factory.mktemp("plugin")
+    src, site = root / "src", root / "site"
+    shutil.copytree(PLUGIN_DIST, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+         "--disable-pip-version-check", "--target", str(site), str(src)],
+        capture_output=True, text=True, env=subprocess_env(), timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (site / "atpf_example_plugin" / "__init__.py").is_file()
+    return site
+
+
+
+
+def load_plugin_module(site):
+    """Import the installed plugin module by file, without putting its directory on sys.path."""
+    spec = importlib.util.spec_from_file_location("_atpf_example_plugin_under_test", site / "atpf_example_plugin" / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_plugin_matches_builtin(result):
+    plugin, builtin = result["mlp_neuron_sum"], result["mlp_neuron"]
+    assert plugin.kind == "mlp_neuron_sum" and builtin.kind == "mlp_neuron"
+    assert plugin.dims == ("pair", "layer", "pos")
+    assert builtin.dims == ("pair", "layer", "pos", "neuron") and builtin.index["neuron"] == "all"
+    assert plugin.per_pair.shape == builtin.per_pair.shape[:-1] == (2, 2, 6)
+    assert plugin.per_pair.abs().max() > 1e-4  # non-trivial effects, so the comparison means something
+    torch.testing.assert_close(plugin.per_pair, builtin.per_pair[..., 0], atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------- installed distribution
+def test_installed_plugin_runs_through_the_cli(plugin_site, hf_dir, tmp_path):
+    plan = {
+        "model": {"source": str(hf_dir)},
+        "prompts": PROMPTS,
+        "nodes": PLUGIN_VS_BUILTIN,
+        "method": {"name": "activation_patching", "nodes_per_pass": 5},
+    }
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    proc = subprocess.run(
+        [sys.executable, "-m", "atpframework", "plan.json", "-o", "out.safetensors"],
+        cwd=tmp_path, capture_output=True, text=True, env=subprocess_env(PYTHONPATH=str(plugin_site)), timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "mlp_neuron_sum" in proc.stdout
+    result = af.load_result(tmp_path / "out.safetensors")
+    assert result.method == "activation_patching"
+    assert json.loads(result.plan_json)["nodes"][0] == {"kind": "mlp_neuron_sum", "layers": "each", "name": None, "positions": "each"}
+    assert_plugin_matches_builtin(result)
+
+
+def test_discovery_lists_without_importing(plugin_site):
+    """Listing reads entry points only; the installed plugin appears once its directory is on the path,
+    and the JSON Schema picks it up. No model library (or plugin module) is imported along the way."""
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        import atpframework
+        from atpframework import plugins
+        before = plugins.available("nodes")
+        imported = sorted(m for m in sys.modules if m.startswith("atpframework.nodes.") or m.startswith("atpf_example"))
+        sys.path.insert(0, {str(plugin_site)!r})
+        after = plugins.available("nodes")
+        schema_kinds = sorted(atpframework.plan_json_schema()["properties"]["nodes"]["items"]["discriminator"]["mapping"])
+        heavy = sorted(m for m in ("transformer_lens", "transformers", "sae_lens") if m in sys.modules)
+        print(json.dumps(dict(before=before, imported=imported, after=after, schema=schema_kinds, heavy=heavy,
+                              backends=plugins.available("backends"))))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["before"] == BUILTIN_KINDS
+    assert out["imported"] == []
+    assert out["after"] == sorted(BUILTIN_KINDS + ["mlp_neuron_sum"])
+    assert out["schema"] == out["after"]
+    assert out["heavy"] == []
+    assert out["backends"] == ["transformer_lens"]
+
+
+# ----------------------------------------------------------------------------------------- in process
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture
+def registered():
+    """Register node classes for one test; always unregister."""
+    names = []
+
+    def register(cls):
+        plugins.register("nodes", cls.kind, cls)
+        names.append(cls.kind)
+        return cls
+
+    yield register
+    for name in names:
+        plugins.unregister("nodes", name)
+
+
+def test_plugin_first_order_effect_matches_builtin(plugin_site, registered, model):
+    """The plugin's own elementwise_effect (sum over neurons) under AtP equals mlp_neuron with neurons 'all'."""
+    module = load_plugin_module(plugin_site)
+    assert issubclass(module.MlpNeuronSum, AbstractNode) and module.MlpNeuronSum.spec_type.__name__ == "MlpNeuronSumSpec"
+    registered(module.MlpNeuronSum)
+    result = af.run(make_plan(PLUGIN_VS_BUILTIN), model=model)
+    assert_plugin_matches_builtin(result)
+
+
+class WholeResidSpec(NodeSpec):
+    kind: Literal["test_whole_resid"]
+
+
+class WholeResid(AbstractNode):
+    """The residual stream at a boundary, every position and feature as one node (no index axes)."""
+
+    kind = "test_whole_resid"
+    spec_type = WholeResidSpec
+    site = "resid"
+    index_dims = ()
+    n_feature_dims = 2
+
+    def layer_range(self, info: ModelInfo) -> range:
+        return range(info.n_layers + 1)
+
+
+@pytest.mark.parametrize("method", ["atp", "activation_patching"])
+def test_register_a_node_class_defined_here(registered, model, method):
+    with pytest.raises(PlanError, match=r"nodes\[0\]\.kind: unknown node 'test_whole_resid'"):
+        af.parse_plan(make_plan([{"kind": "test_whole_resid"}]))
+    registered(WholeResid)
+    assert "test_whole_resid" in plugins.available("nodes")
+    plan = make_plan([{"kind": "test_whole_resid", "layers": [1, 2]}, {"kind": "resid", "layers": [1, 2], "positions": "all"}], method=method)
+    parsed = af.parse_plan(plan)
+    assert type(parsed.nodes[0]) is WholeResidSpec
+    with pytest.raises(PlanError, match=r"nodes\[0\]\.positions: unknown key"):
+        af.parse_plan(make_plan([{"kind": "test_whole_resid", "positions": "all"}]))
+    result = af.run(plan, model=model)
+    mine, builtin = result["test_whole_resid"], result["resid"]
+    assert mine.dims == ("pair", "layer") and mine.per_pair.shape == (2, 2)
+    assert mine.per_pair.abs().min() > 1e-5
+    torch.testing.assert_close(mine.per_pair, builtin.per_pair[:, :, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_unregister_removes_the_kind(registered):
+    registered(WholeResid)
+    assert af.parse_plan(make_plan([{"kind": "test_whole_resid"}])).nodes[0].kind == "test_whole_resid"
+    plugins.unregister("nodes", "test_whole_resid")
+    assert "test_whole_resid" not in plugins.available("nodes")
+    with pytest.raises(PlanError, match="unknown node 'test_whole_resid'"):
+        af.parse_plan(make_plan([{"kind": "test_whole_resid"}]))
+
+
+def test_registering_a_non_node_class_raises_plugin_error():
+    class NotANode:
+        kind = "not_a_node"
+
+    with pytest.raises(PluginError, match=r"node plugin 'not_a_node' is .*NotANode.*not a subclass of AbstractNode"):
+        plugins.register("nodes", "not_a_node", NotANode)
+    with pytest.raises(PluginError, match="not a subclass of AbstractNode"):
+        plugins.register("nodes", "not_a_node", NotANode())  # an instance, not a class
+    with pytest.raises(PluginError, match="not a subclass of AbstractBackend"):
+        plugins.register("backends", "whole_resid", WholeResid)
+    assert "not_a_node" not in plugins.available("nodes")
+
+
+def test_registering_under_another_name_raises_plugin_error():
+    with pytest.raises(PluginError, match=r"registered as 'other_name' declares the name 'test_whole_resid'"):
+        plugins.register("nodes", "other_name", WholeResid)
+    assert "other_name" not in plugins.available("nodes")
+
+
+def test_plugin_errors_are_lookup_errors_and_atpf_errors():
+    with pytest.raises(LookupError):
+        plugins.load("nodes", "no_such_kind")
+    with pytest.raises(af.AtpfError, match=r"installed: attn_head.*'atpframework\.nodes'"):
+        plugins.load("nodes", "no_such_kind")
