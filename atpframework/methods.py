@@ -97,7 +97,7 @@ class Atp(AbstractMethod):
                 def on_grad(grad: Tensor) -> None:
                     arrived.add(site)
                     for b in consumers[site]:
-                        effect = b.reduce(b.node.elementwise_effect(delta, grad), site.layer).float()
+                        effect = b.reduce(b.node.elementwise_effect(delta, grad)).float()
                         for entry in b.layer_entries(site.layer):
                             scores[b.name][:, entry] += effect
 

@@ -139,8 +139,8 @@ class BoundNodes:
             n *= s
         return n
 
-    def reduce(self, effect: Tensor, layer: int) -> Tensor | None:
-        """Reduce a per-entry effect ``batch *index_dims`` at ``layer`` to ``batch *axes`` (None if unselected)."""
+    def reduce(self, effect: Tensor) -> Tensor:
+        """Reduce a per-entry effect ``batch *index_dims`` to this selection's ``batch *axes``."""
         out = effect
         for i, axis in enumerate(self.axes, start=1):
             if axis.labels == "all":
