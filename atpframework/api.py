@@ -8,6 +8,7 @@ from . import plugins
 from .backend import AbstractBackend
 from .engine import CompiledPlan, compile_plan, execute
 from .errors import PlanError, PluginError
+from .methods import get_method
 from .metrics import Metric, resolve_metric
 from .node import BoundNodes
 from .plan import AttributionPlan, load_plan, parse_plan
@@ -76,6 +77,7 @@ def run(
         noise_tokens=[list(p.noise) for p in compiled.pairs],
         plan_json=plan.to_json(),
         method=plan.method.name,
+        sign_convention=get_method(plan.method.name).sign_convention,
         metric=plan.metric.name,
         model=backend.describe(),
         versions=package_versions(),

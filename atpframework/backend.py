@@ -46,6 +46,8 @@ class ModelInfo(BaseModel):
     device: str
     positional_embedding: str
     normalization: str
+    parallel_blocks: bool = False
+    """Attention and MLP read the same residual input and write together (GPT-NeoX/Pythia style)."""
 
 
 class AbstractBackend(ABC):
@@ -75,6 +77,26 @@ class AbstractBackend(ABC):
     @abstractmethod
     def forward(self, tokens: Tensor, hooks: Mapping[Site, Sequence[SiteHook]]) -> Tensor:
         """Logits ``batch pos vocab`` of ``tokens`` (``batch pos``) with ``hooks`` installed for this pass only."""
+
+    def attention_unsupported(self, layer: int) -> str | None:
+        """Why ``attention_logits`` cannot reproduce this layer's attention, or None if it can.
+
+        Methods with the QK fix call this at plan compile time and refuse the plan with the reason.
+        """
+        return f"the {self.name} backend does not recompute attention patterns"
+
+    def attention_logits(self, layer: int, q: Tensor, k: Tensor) -> Tensor:
+        """The layer's pre-softmax attention logits from canonical ``q`` and ``k``.
+
+        Args:
+            q: ``batch query head d_head`` (after rotary embedding, as the ``attn_q`` site).
+            k: ``batch key kv_head d_head`` (as the ``attn_k`` site).
+        Returns:
+            ``batch head query key`` with the model's scale, soft-capping and position biases applied and
+            masked entries ``-inf``; ``softmax(-1)`` of it must equal the model's pattern. Entry
+            ``(t, s)`` may depend only on ``q[:, t]`` and ``k[:, s]`` (the key closed form relies on it).
+        """
+        raise NotImplementedError(self.attention_unsupported(layer))
 
     def describe(self) -> dict[str, Any]:
         """Model description stored in result metadata."""

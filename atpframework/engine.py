@@ -6,7 +6,7 @@ serve. The ``CompiledPlan`` it returns lists the passes each batch will run (``e
 ``atpf PLAN --dry-run`` prints). ``execute`` runs the method on each batch and assembles the result.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +37,7 @@ class PassStep:
 
     name: str
     kind: str
-    """``forward`` or ``backward``."""
+    """``forward``, ``backward``, ``partial_backward`` (restarted below some layer) or ``attention`` (recomputation, no pass)."""
     count: int
     """How many such passes per batch."""
     rows: str
@@ -96,13 +96,13 @@ class CompiledPlan:
         lines.append("passes per batch:")
         for step in self.steps:
             lines.append(f"  {step.count} x {step.kind:8s} {step.name}: {step.rows}; {step.action}")
-        totals = {"forward": 0, "backward": 0}
+        totals: dict[str, int] = {}
         for step in self.steps:
-            totals[step.kind] += step.count
-        lines.append(
-            f"total per batch: {totals['forward']} forward, {totals['backward']} backward;"
-            f" whole plan: {totals['forward'] * len(self.batches)} forward, {totals['backward'] * len(self.batches)} backward"
-        )
+            if step.kind != "attention":
+                totals[step.kind] = totals.get(step.kind, 0) + step.count
+        per_batch = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in totals.items())
+        whole = ", ".join(f"{n * len(self.batches)} {kind.replace('_', ' ')}" for kind, n in totals.items())
+        lines.append(f"total per batch: {per_batch}; whole plan: {whole}")
         return "\n".join(lines)
 
 
@@ -157,6 +157,7 @@ def compile_plan(plan: AttributionPlan, backend: AbstractBackend) -> CompiledPla
     sites = sorted({Site(b.node.site, layer) for b in first for entry in b.layers.entries for layer in entry})
     compiled = CompiledPlan(plan, info, pairs, tuple(batches), tuple(sites))
     method = get_method(plan.method.name)
+    method.validate(compiled, backend)
     return CompiledPlan(plan, info, pairs, tuple(batches), tuple(sites), tuple(method.schedule(compiled)))
 
 
@@ -237,6 +238,22 @@ class BatchScores:
     """Result name -> ``batch layer *axes`` per-pair signed effects."""
     metric_clean: Tensor
     metric_noise: Tensor
+    terms: dict[str, Tensor] | None = None
+    """GradDrop methods asked to keep them: result name -> ``term batch layer *axes`` signed per-term estimates."""
+
+
+def batch_runs(compiled: CompiledPlan, backend: AbstractBackend, metric: Metric) -> Iterator[BatchRun]:
+    """The plan's batches, ready for ``AbstractMethod.run_batch``."""
+    for batch in compiled.batches:
+        idx = list(batch.pair_indices)
+        yield BatchRun(
+            compiled,
+            batch,
+            backend,
+            metric,
+            torch.tensor([compiled.pairs[i].clean for i in idx], device=backend.device),
+            torch.tensor([compiled.pairs[i].noise for i in idx], device=backend.device),
+        )
 
 
 def execute(
@@ -253,16 +270,8 @@ def execute(
     scores = {b.name: torch.zeros((n,) + b.shape, dtype=torch.float32) for b in compiled.bound}
     metric_clean = torch.zeros(n, dtype=torch.float32)
     metric_noise = torch.zeros(n, dtype=torch.float32)
-    for batch in compiled.batches:
-        idx = list(batch.pair_indices)
-        run = BatchRun(
-            compiled,
-            batch,
-            backend,
-            metric,
-            torch.tensor([compiled.pairs[i].clean for i in idx], device=backend.device),
-            torch.tensor([compiled.pairs[i].noise for i in idx], device=backend.device),
-        )
+    for run in batch_runs(compiled, backend, metric):
+        idx = list(run.batch.pair_indices)
         out = method.run_batch(run)
         for name, value in out.scores.items():
             scores[name][idx] = value.detach().float().cpu()

@@ -67,6 +67,28 @@ class AtpMethod(_Strict):
     name: Literal["atp"]
 
 
+class AtpQkfixMethod(_Strict):
+    """AtP with the QK fix: query and key nodes get the attention softmax recomputed exactly under the patch."""
+
+    name: Literal["atp_qkfix"]
+
+
+class AtpGradDropMethod(_Strict):
+    """AtP with GradDrop: per pair, the mean over dropped residual writes of |AtP with that write stop-gradiented|."""
+
+    name: Literal["atp_graddrop"]
+    granularity: Literal["block", "sublayer"] = "block"
+    """``block``: drop each transformer block's write (attention + MLP); ``sublayer``: attention and MLP writes separately."""
+
+
+class AtpStarMethod(_Strict):
+    """AtP*: the QK fix and GradDrop together."""
+
+    name: Literal["atp_star"]
+    granularity: Literal["block", "sublayer"] = "block"
+    """As for ``atp_graddrop``."""
+
+
 class ActivationPatchingMethod(_Strict):
     """Exact activation patching: one patched forward per node (``nodes_per_pass`` nodes batched per pass)."""
 
@@ -75,7 +97,10 @@ class ActivationPatchingMethod(_Strict):
     """How many nodes share one forward pass (each as its own batch rows)."""
 
 
-MethodSpec = Annotated[Union[AtpMethod, ActivationPatchingMethod], Field(discriminator="name")]
+MethodSpec = Annotated[
+    Union[AtpMethod, AtpQkfixMethod, AtpGradDropMethod, AtpStarMethod, ActivationPatchingMethod], Field(discriminator="name")
+]
+METHOD_NAMES = ("atp", "atp_qkfix", "atp_graddrop", "atp_star", "activation_patching")
 
 
 class AttributionPlan(_Strict):
@@ -213,7 +238,7 @@ def format_location(loc: tuple[Any, ...], tags: set[str]) -> str:
 
 def format_validation_error(err: ValidationError, kinds: list[str]) -> str:
     """One line per problem: location, what is wrong, the offending value."""
-    tags = set(kinds) | {"atp", "activation_patching"}
+    tags = set(kinds) | set(METHOD_NAMES)
     lines: dict[str, str] = {}
     for e in err.errors():
         loc = format_location(tuple(e["loc"]), tags)

@@ -1,7 +1,7 @@
 """Attribution results: the typed in-memory result and its safetensors file format.
 
 File layout (spec in ``docs/result-format.md``): tensors ``scores.<name>`` (``pair layer *axes``,
-float32, per-pair signed effects), ``metric.clean`` and ``metric.noise`` (``pair``),
+float32, per-pair effects as ``atpf.sign_convention`` says), ``metric.clean`` and ``metric.noise`` (``pair``),
 ``tokens.clean`` and ``tokens.noise`` (``pair pos``, int64, right-padded with -1) and
 ``tokens.length`` (``pair``); string metadata under ``atpf.*`` keys. Files are written atomically
 (a temporary file in the same directory, then ``os.replace``).
@@ -26,6 +26,12 @@ RESULT_SCHEMA = "atpf.result"
 RESULT_SCHEMA_VERSION = 1
 """Schema version written to ``atpf.schema_version``; files with a newer version are refused."""
 SIGN_CONVENTION = "effect = metric(clean run with node <- its noise-run value) - metric(clean run)"
+"""What the per-pair scores of signed methods (``activation_patching``, ``atp``, ``atp_qkfix``) are."""
+GRADDROP_CONVENTION = (
+    "score = 1/(T-1) * sum over the T dropped residual-stream writes of |first-order estimate of the effect "
+    "with that write stop-gradiented|, non-negative; effect = metric(clean run with node <- its noise-run value) - metric(clean run)"
+)
+"""What the per-pair scores of ``atp_graddrop`` and ``atp_star`` are."""
 
 Aggregate = Literal["mean_abs", "mean"]
 """How per-pair scores combine: mean of absolute values (the paper's convention) or signed mean."""
@@ -91,6 +97,8 @@ class AttributionResult:
     model: dict[str, Any]
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
+    sign_convention: str = SIGN_CONVENTION
+    """What the per-pair scores mean (``SIGN_CONVENTION`` or ``GRADDROP_CONVENTION``)."""
 
     @property
     def plan(self) -> dict[str, Any]:
@@ -165,7 +173,7 @@ class AttributionResult:
             "atpf.plan": self.plan_json,
             "atpf.method": self.method,
             "atpf.metric": self.metric,
-            "atpf.sign_convention": SIGN_CONVENTION,
+            "atpf.sign_convention": self.sign_convention,
             "atpf.nodes": json.dumps(
                 {n: {"kind": ns.kind, "dims": list(ns.dims), "index": ns.index} for n, ns in self.nodes.items()}
             ),
@@ -228,6 +236,7 @@ def load_result(path: str | Path) -> AttributionResult:
         model=json.loads(meta["atpf.model"]),
         versions=json.loads(meta["atpf.versions"]),
         created=meta.get("atpf.created", ""),
+        sign_convention=meta.get("atpf.sign_convention", SIGN_CONVENTION),
     )
 
 

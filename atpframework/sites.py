@@ -12,12 +12,17 @@ leave ``backends/``.
 | ``attn_k`` | ``batch pos head d_head``        | blocks; key/value heads (``n_kv_heads`` of them when grouped), after rotary |
 | ``attn_v`` | ``batch pos head d_head``        | blocks; key/value heads |
 | ``mlp_post`` | ``batch pos neuron``           | blocks; input of the MLP down projection (gated MLPs: act(gate) * up) |
+| ``resid_mid`` | ``batch pos d_model``           | blocks; residual stream between attention and MLP (sequential blocks only) |
+| ``attn_out`` | ``batch pos d_model``            | blocks; the attention sublayer's write to the residual stream |
+| ``mlp_out``  | ``batch pos d_model``            | blocks; the MLP sublayer's write to the residual stream |
+
+The last three are internal: GradDrop restarts its backward passes from them; no built-in node reads them.
 """
 
 from dataclasses import dataclass
 from typing import Literal
 
-SiteName = Literal["resid", "attn_z", "attn_q", "attn_k", "attn_v", "mlp_post"]
+SiteName = Literal["resid", "attn_z", "attn_q", "attn_k", "attn_v", "mlp_post", "resid_mid", "attn_out", "mlp_out"]
 """Names of every built-in activation site."""
 
 SITE_NAMES: tuple[str, ...] = SiteName.__args__  # type: ignore[attr-defined]

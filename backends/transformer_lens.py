@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from einops import rearrange
+from einops import einsum, rearrange
 from torch import Tensor
 
 from atpframework.backend import AbstractBackend, ModelInfo, SiteHook
@@ -28,6 +28,8 @@ from atpframework.sites import SITE_NAMES, Site
 _MODEL_CLASSES = ("hooked_transformer", "bridge")
 _OPTIONS = {"model_class"}
 _HEAD_SITES = {"attn_z", "attn_q", "attn_k", "attn_v"}
+_BRIDGE_QK_FIX_ATTENTION = {"GPT2Attention", "LlamaAttention"}
+"""Hugging Face attention classes whose pattern the bridge path recomputes (tested against the bridge's own)."""
 
 
 class TransformerLensBackend(AbstractBackend):
@@ -54,7 +56,10 @@ class TransformerLensBackend(AbstractBackend):
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         cfg = model.cfg
         rotary = getattr(cfg, "positional_embedding_type", "standard") == "rotary"
-        self._qk_hook = "hook_rot_{}" if rotary and not self.is_bridge else "hook_{}"
+        self._qk_hook = "hook_rot_{}" if rotary else "hook_{}"
+        # the bridge's rotary hooks use the Hugging Face layout, heads before positions
+        self._heads_first = {"attn_q", "attn_k"} if rotary and self.is_bridge else set()
+        ungrouped = bool(getattr(cfg, "ungroup_grouped_query_attention", False))
         param = next(model.parameters())
         self.info = ModelInfo(
             source=source,
@@ -62,7 +67,7 @@ class TransformerLensBackend(AbstractBackend):
             n_layers=cfg.n_layers,
             d_model=cfg.d_model,
             n_heads=cfg.n_heads,
-            n_kv_heads=getattr(cfg, "n_key_value_heads", None) or cfg.n_heads,
+            n_kv_heads=(None if ungrouped else getattr(cfg, "n_key_value_heads", None)) or cfg.n_heads,
             d_head=cfg.d_head,
             d_mlp=None if getattr(cfg, "attn_only", False) else cfg.d_mlp,
             d_vocab=cfg.d_vocab_out if getattr(cfg, "d_vocab_out", -1) > 0 else cfg.d_vocab,
@@ -70,6 +75,7 @@ class TransformerLensBackend(AbstractBackend):
             device=str(param.device),
             positional_embedding=str(getattr(cfg, "positional_embedding_type", "standard")),
             normalization=str(getattr(cfg, "normalization_type", None) or "none"),
+            parallel_blocks=bool(getattr(cfg, "parallel_attn_mlp", False)),
         )
 
     # ----------------------------------------------------------------- loading
@@ -166,6 +172,9 @@ class TransformerLensBackend(AbstractBackend):
             "attn_k": f"blocks.{site.layer}.attn.{self._qk_hook.format('k')}",
             "attn_v": f"blocks.{site.layer}.attn.hook_v",
             "mlp_post": f"blocks.{site.layer}.mlp.hook_post",
+            "resid_mid": f"blocks.{site.layer}.hook_resid_mid",
+            "attn_out": f"blocks.{site.layer}.hook_attn_out",
+            "mlp_out": f"blocks.{site.layer}.hook_mlp_out",
         }[site.name]
 
     def forward(self, tokens: Tensor, hooks: Mapping[Site, Sequence[SiteHook]]) -> Tensor:
@@ -181,17 +190,92 @@ class TransformerLensBackend(AbstractBackend):
 
     def _wrap(self, site: Site, fns: list[SiteHook]):
         d_head = self.info.d_head
+        heads_first = site.name in self._heads_first
 
         def hook(module: torch.nn.Module, inputs: Any, output: Tensor) -> Tensor:
             flat = site.name in _HEAD_SITES and output.dim() == 3  # bridges may expose heads flattened
-            act = rearrange(output, "batch pos (head d_head) -> batch pos head d_head", d_head=d_head) if flat else output
+            if flat:
+                act = rearrange(output, "batch pos (head d_head) -> batch pos head d_head", d_head=d_head)
+            elif heads_first:
+                act = rearrange(output, "batch head pos d_head -> batch pos head d_head")
+            else:
+                act = output
             for fn in fns:
                 replaced = fn(act)
                 if replaced is not None:
                     act = replaced
-            return rearrange(act, "batch pos head d_head -> batch pos (head d_head)") if flat else act
+            if flat:
+                return rearrange(act, "batch pos head d_head -> batch pos (head d_head)")
+            if heads_first:
+                return rearrange(act, "batch pos head d_head -> batch head pos d_head")
+            return act
 
         return hook
+
+    # ----------------------------------------------------------------- attention
+    def attention_unsupported(self, layer: int) -> str | None:
+        cfg = self.model.cfg
+        if self.is_bridge:
+            hf_attention = type(self.model.blocks[layer].attn.original_component).__name__
+            if hf_attention not in _BRIDGE_QK_FIX_ATTENTION:
+                return (
+                    f"the TransformerBridge path recomputes attention for {sorted(_BRIDGE_QK_FIX_ATTENTION)}, "
+                    f"not {hf_attention}; use model.options.model_class = 'hooked_transformer'"
+                )
+            return None
+        reasons = {
+            "log-n query scaling (applied after the attn_q site)": getattr(cfg, "use_logn_attn", False),
+            "attention sinks": getattr(cfg, "use_attention_sinks", False),
+            "relative position biases": cfg.positional_embedding_type == "relative_positional_bias",
+            "query/key normalization or clipping after the attn_q/attn_k sites": cfg.positional_embedding_type != "rotary"
+            and (getattr(cfg, "use_qk_norm", False) or getattr(cfg, "clip_qkv", None) is not None
+                 or cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")),
+        }
+        found = [reason for reason, present in reasons.items() if present]
+        return f"attention recomputation does not support {', '.join(found)}" if found else None
+
+    def attention_logits(self, layer: int, q: Tensor, k: Tensor) -> Tensor:
+        reason = self.attention_unsupported(layer)
+        if reason:
+            raise BackendError(reason)
+        attn = self.model.blocks[layer].attn
+        n_query, n_key = q.shape[1], k.shape[1]
+        if self.is_bridge:
+            logits = self._bridge_attention_logits(layer, q, k)
+            window = getattr(attn.original_component, "sliding_window", None)
+            causal = True
+        else:
+            from transformer_lens.components.abstract_attention import AbstractAttention
+
+            logits = attn.calculate_attention_scores(q, k)  # scale, soft-capping, grouped heads
+            if self.model.cfg.positional_embedding_type == "alibi":
+                alibi = AbstractAttention.create_alibi_bias(self.model.cfg.n_heads, n_key, logits.device)
+                logits = logits + alibi[:, -n_query:, :n_key].to(logits.dtype)
+            window = self.model.cfg.window_size if attn.attn_type == "local" else None
+            causal = self.model.cfg.attention_dir == "causal"
+        query_pos = torch.arange(n_query, device=logits.device)[:, None] + (n_key - n_query)
+        key_pos = torch.arange(n_key, device=logits.device)[None, :]
+        visible = key_pos <= query_pos if causal else torch.ones_like(key_pos <= query_pos)
+        if window is not None:
+            visible = visible & (key_pos > query_pos - window)
+        return logits.masked_fill(~visible, float("-inf"))
+
+    def _bridge_attention_logits(self, layer: int, q: Tensor, k: Tensor) -> Tensor:
+        """Logits as the bridge's own attention reconstruction computes them (GPT-2, Llama)."""
+        hf_attention = self.model.blocks[layer].attn.original_component
+        group = q.shape[2] // k.shape[2]
+        keys = torch.repeat_interleave(k, group, dim=2)
+        logits = einsum(q, keys, "batch query head d_head, batch key head d_head -> batch head query key")
+        if type(hf_attention).__name__ == "GPT2Attention":
+            scale = self.info.d_head**-0.5
+            if getattr(hf_attention.config, "scale_attn_by_inverse_layer_idx", False):
+                scale /= float(layer + 1)
+            return logits * scale
+        logits = logits * hf_attention.scaling
+        softcap = getattr(hf_attention, "attn_logit_softcapping", None)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
 
 
 def _tokenizer_adds_bos(tokenizer: Any) -> bool:

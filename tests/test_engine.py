@@ -58,13 +58,18 @@ def test_atp_runs_two_forwards_and_one_backward_per_batch(monkeypatch):
     forwards = []
     model.register_forward_hook(lambda *args: forwards.append(1))
     backwards = []
-    real_backward = torch.autograd.backward
+    real_backward, real_grad = torch.autograd.backward, torch.autograd.grad
 
     def counting_backward(*args, **kwargs):
         backwards.append(1)
         return real_backward(*args, **kwargs)
 
+    def counting_grad(*args, **kwargs):
+        backwards.append(1)
+        return real_grad(*args, **kwargs)
+
     monkeypatch.setattr(torch.autograd, "backward", counting_backward)
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
     monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: counting_backward(self, *a, **k))
     plan = make_plan([{"kind": k} for k in ALL_KINDS], batch_size=1)  # 2 pairs -> 2 batches
     af.run(plan, model=model)

@@ -51,3 +51,36 @@ def test_ioi_top_heads_by_atp_agree_with_exact_patching(backend):
 
     overlap = top5(atp) & top5(exact)
     assert len(overlap) >= 3, (top5(atp), top5(exact))
+
+
+RECALL_LAYERS = [17, 20, 23, 24]
+"""Layers holding most of the IOI pair's largest query/key/value effects (whole-model sweep: 7 of the top 10)."""
+
+
+def _recall_figures(estimate, truth):
+    """Recall of the true top-20 within the estimate's top-40, and the largest true effect ranked 100 or lower."""
+    order = estimate.argsort(descending=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    top20 = set(truth.argsort(descending=True)[:20].tolist())
+    recall = len(top20 & set(order[:40].tolist())) / 20
+    missed = truth[rank >= 100].max().item()
+    return recall, missed
+
+
+def test_atp_star_recalls_ioi_queries_keys_values_at_least_as_well_as_atp(backend):
+    """Exact patching of every q, k, v node at every position of RECALL_LAYERS is the ground truth."""
+    nodes = [{"kind": k, "layers": RECALL_LAYERS} for k in ("attn_q", "attn_k", "attn_v")]
+    plan = {"model": {"source": "bundled:smollm2-135m-instruct"}, "prompts": [IOI], "nodes": nodes}
+
+    def flat(result):
+        return torch.cat([result[k].aggregate("mean_abs").flatten() for k in ("attn_q", "attn_k", "attn_v")])
+
+    truth = flat(af.run(dict(plan, method={"name": "activation_patching", "nodes_per_pass": 128}), backend=backend))
+    figures = {m: _recall_figures(flat(af.run(dict(plan, method={"name": m}), backend=backend)), truth) for m in ("atp", "atp_star")}
+    (atp_recall, atp_missed), (star_recall, star_missed) = figures["atp"], figures["atp_star"]
+    print("recall of true top-20 in top-40, largest true effect ranked >= 100:", figures)  # shown with pytest -rP
+    assert truth.max() > 1.0, "the sweep should contain the IOI pair's large effects"
+    assert star_recall >= atp_recall, figures
+    assert star_missed <= atp_missed, figures
+    assert star_recall >= 0.8, figures
