@@ -229,7 +229,7 @@ class FirstOrder(AbstractMethod):
                 if term.cotangent not in plain_grads:
                     raise BackendError(f"GradDrop: no gradient arrived at {term.cotangent}, needed to restart below {term.label}")
                 state["term"], state["fired"] = t, set()
-                roots = [tensors[s] for s in term.roots]
+                roots = [tensors[s] for s in term.roots if tensors[s].requires_grad]  # frozen weights: some roots are constants
                 grads = [plain_grads[term.cotangent]] * len(roots)
                 last = n == len(layout.active) - 1
                 torch.autograd.grad(roots, floor, grads, retain_graph=not last, allow_unused=True)

@@ -258,3 +258,15 @@ def test_graddrop_results_say_what_their_scores_mean(tmp_path):
     torch.testing.assert_close(loaded["attn_head"].per_pair, result["attn_head"].per_pair)
     signed = af.run(make_plan([{"kind": "attn_head"}], method="atp_qkfix"), model=model)
     assert signed.sign_convention.startswith("effect = metric(clean run with node <- its noise-run value)")
+
+
+@pytest.mark.parametrize("arch", ["ln_gelu_learned", "parallel_rotary"])
+def test_frozen_weights_give_the_same_scores(arch):
+    """Models with requires_grad=False everywhere (a common inference setup) restart GradDrop from leaf sites."""
+    nodes = [{"kind": k} for k in ("attn_q", "attn_k", "mlp_neuron")]
+    method = {"name": "atp_star", "granularity": "sublayer"}
+    trainable = af.run(make_plan(nodes, method=method), model=tiny_model(n_layers=3, **ARCHS_3_LAYERS[arch]))
+    frozen_model = tiny_model(n_layers=3, **ARCHS_3_LAYERS[arch]).requires_grad_(False)
+    frozen = af.run(make_plan(nodes, method=method), model=frozen_model)
+    for name in ("attn_q", "attn_k", "mlp_neuron"):
+        torch.testing.assert_close(frozen[name].per_pair, trainable[name].per_pair, rtol=1e-6, atol=1e-7)
