@@ -1,6 +1,6 @@
 """The Python entry points: load a backend for a plan, compile it, run it, save the result."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from .metrics import Metric, resolve_metric
 from .node import BoundNodes
 from .plan import AttributionPlan, load_plan, parse_plan
 from .results import AttributionResult, NodeScores, now_utc, package_versions
+from .sae import SplicedBackend, load_saes
 
 PlanLike = AttributionPlan | dict[str, Any] | str | Path
 """A plan object, its dict form, or the path of a plan JSON file."""
@@ -37,10 +38,24 @@ def load_backend(plan: AttributionPlan, model: Any = None, tokenizer: Any = None
     return backend_cls.load(spec.source, dtype=spec.dtype, device=spec.device, options=spec.options)
 
 
-def compile(plan: PlanLike, *, model: Any = None, tokenizer: Any = None, backend: AbstractBackend | None = None) -> CompiledPlan:
+def splice_saes(plan: AttributionPlan, backend: AbstractBackend, saes: Mapping[str, Any] | None = None) -> AbstractBackend:
+    """The backend with the plan's SAEs spliced in (``saes``: SAE objects by plan name), or ``backend`` if it names none."""
+    if not plan.saes:
+        if saes:
+            raise PlanError(f"saes: SAE object(s) {sorted(saes)} were passed but the plan's saes list is empty")
+        return backend
+    if isinstance(backend, SplicedBackend):
+        backend = backend.inner
+    return SplicedBackend(backend, load_saes(plan.saes, backend, saes or {}))
+
+
+def compile(
+    plan: PlanLike, *, model: Any = None, tokenizer: Any = None, backend: AbstractBackend | None = None,
+    saes: Mapping[str, Any] | None = None,
+) -> CompiledPlan:
     """Load the model (unless ``backend`` is given) and compile the plan without running any pass."""
     plan = as_plan(plan)
-    return compile_plan(plan, backend or load_backend(plan, model, tokenizer))
+    return compile_plan(plan, splice_saes(plan, backend or load_backend(plan, model, tokenizer), saes))
 
 
 def run(
@@ -52,6 +67,7 @@ def run(
     backend: AbstractBackend | None = None,
     output: str | Path | None = None,
     progress: Callable[[int], None] | None = None,
+    saes: Mapping[str, Any] | None = None,
 ) -> AttributionResult:
     """Run an attribution plan and return its result; save it if ``output`` or ``plan.output`` is set.
 
@@ -63,10 +79,11 @@ def run(
         backend: an already-loaded backend (reused across runs).
         output: result path; overrides ``plan.output``.
         progress: called with the number of pairs finished after each batch.
+        saes: SAE objects (e.g. sae_lens ``SAE``) for plan ``saes`` entries without a path or release, by name.
     """
     plan = as_plan(plan)
     metric_fn = resolve_metric(plan.metric, metric)
-    backend = backend or load_backend(plan, model, tokenizer)
+    backend = splice_saes(plan, backend or load_backend(plan, model, tokenizer), saes)
     compiled = compile_plan(plan, backend)
     scores, metric_clean, metric_noise = execute(compiled, backend, metric_fn, progress)
     result = AttributionResult(

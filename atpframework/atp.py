@@ -75,11 +75,12 @@ class FirstOrder(AbstractMethod):
         qk_layers: set[int] = set()
         for b in compiled.bound:
             for layer in sorted({layer for entry in b.layers.entries for layer in entry}):
-                if self.qk_fix and b.node.site in QK_SITES:
-                    contributors[Site("attn_z", layer)].append((b, "query" if b.node.site == "attn_q" else "key"))
+                site = b.site(layer)
+                if self.qk_fix and site.name in QK_SITES and not site.view:
+                    contributors[Site("attn_z", layer)].append((b, "query" if site.name == "attn_q" else "key"))
                     qk_layers.add(layer)
                 else:
-                    contributors[Site(b.node.site, layer)].append((b, "grad"))
+                    contributors[site].append((b, "grad"))
         grad_sites = sorted(contributors)
         low = min(s.layer for s in grad_sites)
         floor = tuple(s for s in grad_sites if s.layer == low)
@@ -163,6 +164,7 @@ class FirstOrder(AbstractMethod):
         values: dict[Site, Tensor] = {}
         deltas: dict[Site, Tensor] = {}
         plain_grads: dict[Site, Tensor] = {}
+        leaves: list[Tensor] = []
         cotangents = {layout.terms[t].cotangent for t in layout.active}
         state: dict[str, object] = {"term": None, "fired": set()}
         attention = _AttentionCache(run, noise_acts, values, layout)
@@ -180,8 +182,9 @@ class FirstOrder(AbstractMethod):
         def gradient_hook(site: Site) -> SiteHook:
             def hook(act: Tensor) -> Tensor | None:
                 replacement = None
-                if not act.requires_grad:  # frozen weights upstream: make this site a leaf of the graph
+                if not act.requires_grad:  # frozen weights or a detached input: make this site a leaf of the graph
                     act = replacement = act.detach().requires_grad_(True)
+                    leaves.append(act)  # not downstream of the floor: the backward passes must ask for it
                 tensors[site] = act
                 if any(mode == "grad" for _, mode in layout.contributors[site]):
                     deltas[site] = noise_acts[site] - act.detach()
@@ -222,6 +225,7 @@ class FirstOrder(AbstractMethod):
             if not metric_clean.requires_grad:
                 raise BackendError("the metric does not depend on any hooked activation (no gradient path)")
             floor = [tensors[s] for s in layout.floor]
+            floor += [leaf for leaf in leaves if all(leaf is not t for t in floor)]
             torch.autograd.grad(metric_clean.sum(), floor, retain_graph=bool(layout.active), allow_unused=True)
             _check_arrivals(set(layout.contributors), state["fired"], "")  # type: ignore[arg-type]
             for n, t in enumerate(layout.active):

@@ -10,12 +10,13 @@ Glossary:
     d_head:  per-head feature axis.
     d_model: residual stream feature axis.
     neuron:  MLP hidden unit (input to the down projection).
+    latent:  SAE (or transcoder) latent.
     vocab:   output logit axis.
 """
 
 from typing import Literal
 
-DimName = Literal["pair", "batch", "pos", "key_pos", "layer", "head", "d_head", "d_model", "neuron", "vocab"]
+DimName = Literal["pair", "batch", "pos", "key_pos", "layer", "head", "d_head", "d_model", "neuron", "latent", "vocab"]
 """Every axis name atpframework writes into shapes and result metadata."""
 
 DIM_NAMES: tuple[str, ...] = DimName.__args__  # type: ignore[attr-defined]

@@ -85,7 +85,8 @@ class CompiledPlan:
         ]
         for b in self.bound:
             shape = " x ".join(f"{d}={n}" for d, n in zip(b.dims, b.shape))
-            lines.append(f"  {b.name} ({b.node.kind} on site {b.node.site}): {b.n_nodes} nodes [{shape}]")
+            view = f" <{b.view}>" if b.view else ""
+            lines.append(f"  {b.name} ({b.node.kind} on site {b.site_name or b.node.site}{view}): {b.n_nodes} nodes [{shape}]")
         by_name: dict[str, list[int]] = {}
         for site in self.sites:
             by_name.setdefault(site.name, []).append(site.layer)
@@ -129,17 +130,21 @@ def compile_plan(plan: AttributionPlan, backend: AbstractBackend) -> CompiledPla
             raise PlanError(f"metric.position: {position} is outside prompts[{i}] ({len(pair.clean)} tokens)")
 
     nodes = [plugins.load("nodes", spec.kind)() for spec in plan.nodes]
-    for spec, node in zip(plan.nodes, nodes):
-        if node.site not in backend.supported_sites:
-            raise PlanError(f"node kind {spec.kind!r} reads site {node.site!r}, which the {backend.name} backend does not serve")
+    attached = getattr(backend, "attached", {})
+    if plan.saes and not attached:
+        raise PlanError("saes: the plan splices SAEs; compile it with atpframework.compile / run, which load them")
 
     lengths = sorted({len(p.clean) for p in pairs})
     bound_by_len: dict[int, tuple[BoundNodes, ...]] = {}
     for length in lengths:
         bound_by_len[length] = tuple(
-            bind_nodes(spec, node, info, length, f"nodes[{i}]") for i, (spec, node) in enumerate(zip(plan.nodes, nodes))
+            bind_nodes(spec, node, info, length, f"nodes[{i}]", attached) for i, (spec, node) in enumerate(zip(plan.nodes, nodes))
         )
     first = bound_by_len[lengths[0]]
+    for i, b in enumerate(first):
+        name = b.site_name or b.node.site
+        if not b.view and name not in backend.supported_sites:
+            raise PlanError(f"nodes[{i}]: node kind {b.node.kind!r} reads site {name!r}, which the {backend.name} backend does not serve")
     for length in lengths[1:]:
         for i, (a, b) in enumerate(zip(first, bound_by_len[length])):
             if a.shape != b.shape:
@@ -154,7 +159,7 @@ def compile_plan(plan: AttributionPlan, backend: AbstractBackend) -> CompiledPla
         for start in range(0, len(members), plan.batch_size):
             batches.append(Batch(tuple(members[start : start + plan.batch_size]), length, bound_by_len[length]))
 
-    sites = sorted({Site(b.node.site, layer) for b in first for entry in b.layers.entries for layer in entry})
+    sites = sorted({b.site(layer) for b in first for entry in b.layers.entries for layer in entry})
     compiled = CompiledPlan(plan, info, pairs, tuple(batches), tuple(sites))
     method = get_method(plan.method.name)
     method.validate(compiled, backend)
@@ -262,21 +267,53 @@ def execute(
     metric: Metric,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """Run every batch; return per-pair scores (``pair layer *axes``), clean and noise metric values."""
+    """Run every batch; return per-pair scores (``pair layer *axes``; sparse COO for selections with
+    ``keep_top``), clean and noise metric values."""
     from .methods import get_method
 
     method = get_method(compiled.plan.method.name)
     n = len(compiled.pairs)
-    scores = {b.name: torch.zeros((n,) + b.shape, dtype=torch.float32) for b in compiled.bound}
+    scores = {
+        b.name: torch.zeros((n,) + b.shape, dtype=torch.float32)
+        for b in compiled.bound
+        if getattr(b.spec, "keep_top", None) is None
+    }
+    sparse: dict[str, list[tuple[Tensor, Tensor]]] = {}
     metric_clean = torch.zeros(n, dtype=torch.float32)
     metric_noise = torch.zeros(n, dtype=torch.float32)
     for run in batch_runs(compiled, backend, metric):
         idx = list(run.batch.pair_indices)
         out = method.run_batch(run)
-        for name, value in out.scores.items():
-            scores[name][idx] = value.detach().float().cpu()
+        for b in run.batch.bound:
+            value = out.scores[b.name].detach().float().cpu()
+            keep = getattr(b.spec, "keep_top", None)
+            if keep is None:
+                scores[b.name][idx] = value
+            else:
+                sparse.setdefault(b.name, []).append(keep_top(value, idx, keep, getattr(b.spec, "keep_top_per", "selection")))
         metric_clean[idx] = out.metric_clean.detach().float().cpu()
         metric_noise[idx] = out.metric_noise.detach().float().cpu()
         if progress is not None:
             progress(len(idx))
+    for b in compiled.bound:
+        if b.name in sparse:
+            indices = torch.cat([part[0] for part in sparse[b.name]], dim=1)
+            values = torch.cat([part[1] for part in sparse[b.name]])
+            scores[b.name] = torch.sparse_coo_tensor(indices, values, (n,) + b.shape, check_invariants=True).coalesce()
     return scores, metric_clean, metric_noise
+
+
+def keep_top(value: Tensor, pair_indices: list[int], k: int, per: str) -> tuple[Tensor, Tensor]:
+    """COO indices (``1 + ndim, nnz``, the first row the pair) and values of the ``k`` largest ``|value|``
+    entries of each batch row (``batch layer ... last``): per position (``per="position"``, along the last
+    axis) or over the whole row."""
+    shape = value.shape[1:]
+    rows = value.reshape(value.shape[0], -1, shape[-1]) if per == "position" else value.reshape(value.shape[0], 1, -1)
+    k = min(k, rows.shape[-1])
+    top = rows.abs().topk(k, dim=-1).indices  # batch group k
+    values = rows.gather(-1, top)
+    flat = top + torch.arange(rows.shape[1]).view(1, -1, 1) * rows.shape[-1]
+    coords = torch.stack(torch.unravel_index(flat.reshape(value.shape[0], -1), shape), dim=0)  # ndim batch kept
+    pairs = torch.tensor(pair_indices).view(1, -1, 1).expand(1, value.shape[0], coords.shape[-1])
+    indices = torch.cat([pairs, coords], dim=0).reshape(1 + len(shape), -1)
+    return indices, values.reshape(-1)

@@ -14,8 +14,9 @@ Rules for implementations:
 """
 
 from abc import ABC
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,11 +25,12 @@ from torch import Tensor
 from .backend import ModelInfo
 from .dims import DimName
 from .errors import PlanError
+from .sites import Site
 
 Selection = Union[Literal["each", "all"], Annotated[list[int], Field(min_length=1)]]
 """``"each"``: one node per entry; ``"all"``: all entries summed into one node; or a list of indices (negative positions count from the end)."""
 
-SELECTION_FIELDS: dict[str, str] = {"layer": "layers", "pos": "positions", "head": "heads", "neuron": "neurons"}
+SELECTION_FIELDS: dict[str, str] = {"layer": "layers", "pos": "positions", "head": "heads", "neuron": "neurons", "latent": "latents"}
 """Index axis -> the spec field that selects along it."""
 
 
@@ -95,6 +97,14 @@ class AbstractNode(ABC):
             return info.d_mlp
         raise NotImplementedError(f"{type(self).__name__} must override dim_size for axis {dim!r}")
 
+    def bind(self, spec: NodeSpec, info: ModelInfo, seq_len: int, where: str, attached: "Mapping[str, Any]") -> "BoundNodes | None":
+        """Bind ``spec`` specially, or None for the generic binding of ``bind_nodes``.
+
+        ``attached`` maps the plan's SAE names to their ``AttachedSae``; node types that read
+        something other than a fixed backend site (SAE latents) override this.
+        """
+        return None
+
     def elementwise_effect(self, delta: Tensor, grad: Tensor) -> Tensor:
         """First-order effect per index entry: ``(noise - clean) . dMetric/dact`` over the feature axes.
 
@@ -119,6 +129,14 @@ class BoundNodes:
     layers: AxisSelection
     axes: tuple[AxisSelection, ...]
     """The index axes, in ``node.index_dims`` order."""
+    site_name: str = ""
+    """The site read (default: ``node.site``)."""
+    view: str = ""
+    """The view of that site (``Site.view``), e.g. an SAE's latents."""
+
+    def site(self, layer: int) -> Site:
+        """The site this selection reads at ``layer``."""
+        return Site(self.site_name or self.node.site, layer, self.view)
 
     @property
     def name(self) -> str:
@@ -186,8 +204,13 @@ def resolve_axis(selection: object, dim: str, size: int, where: str, allow_negat
     return AxisSelection(dim, size, tuple((i,) for i in normalized), list(selection))
 
 
-def bind_nodes(spec: NodeSpec, node: AbstractNode, info: ModelInfo, seq_len: int, where: str) -> BoundNodes:
+def bind_nodes(
+    spec: NodeSpec, node: AbstractNode, info: ModelInfo, seq_len: int, where: str, attached: "Mapping[str, Any] | None" = None
+) -> BoundNodes:
     """Resolve ``spec`` against the model; ``where`` is the plan location used in errors (``nodes[1]``)."""
+    special = node.bind(spec, info, seq_len, where, attached or {})
+    if special is not None:
+        return special
     layer_range = node.layer_range(info)
     layers = resolve_axis(spec.layers, "layer", len(layer_range), f"{where}.layers", allow_negative=False)
     axes = []

@@ -52,7 +52,7 @@ class ActivationPatching(AbstractMethod):
             for row_block, (b, i) in enumerate(chunk):
                 layers, mask = b.patch_mask(i, device)
                 for layer in layers:
-                    patches[Site(b.node.site, layer)].append((row_block, mask))
+                    patches[b.site(layer)].append((row_block, mask))
             hooks = {site: [self._patch_hook(noise_acts[site], entries, len(chunk))] for site, entries in patches.items()}
             tokens = run.clean_tokens.repeat(len(chunk), 1)
             with torch.no_grad():

@@ -39,6 +39,33 @@ class ModelSpec(_Strict):
     """Backend-specific options (e.g. ``{"model_class": "bridge"}`` for the TransformerLens backend)."""
 
 
+class SaeSpec(_Strict):
+    """An SAE (or transcoder) spliced into the model; ``sae_latent`` / ``sae_error`` nodes name it."""
+
+    name: str
+    path: str | None = None
+    """A local sae_lens directory (``cfg.json`` + ``sae_weights.safetensors``)."""
+    release: str | None = None
+    """A sae_lens pretrained release (with ``sae_id``), loaded from the hub."""
+    sae_id: str | None = None
+    site: str | None = None
+    """Where it attaches (a site name such as ``resid``); default: from the SAE's recorded ``hook_name``."""
+    site_layer: int | None = None
+    output_site: str | None = None
+    """Transcoders: where they write; default: from the recorded ``hook_name_out``."""
+    output_site_layer: int | None = None
+    error_gradient: Literal["pass_through", "detached"] = "pass_through"
+    """``pass_through``: upstream gradients equal the unmodified model's; ``detached``: the error term is a constant."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "SaeSpec":
+        if self.path is not None and self.release is not None:
+            raise ValueError("give either path or release/sae_id, not both")
+        if (self.release is None) != (self.sae_id is None):
+            raise ValueError("release and sae_id go together")
+        return self
+
+
 class PromptPair(_Strict):
     """One clean prompt and its noise counterfactual; both must tokenize to the same length."""
 
@@ -109,6 +136,8 @@ class AttributionPlan(_Strict):
     schema_: Literal["atpf.plan/1"] = Field(PLAN_SCHEMA, alias="schema")
     """Plan format id."""
     model: ModelSpec
+    saes: list[SaeSpec] = Field(default_factory=list)
+    """SAEs spliced into the model for ``sae_latent`` / ``sae_error`` nodes."""
     prompts: list[PromptPair] = Field(min_length=1)
     prepend_bos: bool | None = None
     """Prepend the BOS token to text prompts (None: the model's default)."""
@@ -132,6 +161,14 @@ class AttributionPlan(_Strict):
                     f"{spec.result_name!r}; give one of them a distinct 'name'"
                 )
             seen[spec.result_name] = i
+        names = [s.name for s in self.saes]
+        for i, spec in enumerate(self.saes):
+            if names.index(spec.name) != i:
+                raise ValueError(f"saes[{i}].name: {spec.name!r} is used twice")
+        for i, spec in enumerate(self.nodes):
+            sae = getattr(spec, "sae", None)
+            if sae is not None and sae not in names:
+                raise ValueError(f"nodes[{i}].sae: unknown SAE {sae!r}; the plan's saes: {names or 'none'}")
         return self
 
     def to_json(self) -> str:

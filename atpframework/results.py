@@ -1,7 +1,8 @@
 """Attribution results: the typed in-memory result and its safetensors file format.
 
 File layout (spec in ``docs/result-format.md``): tensors ``scores.<name>`` (``pair layer *axes``,
-float32, per-pair effects as ``atpf.sign_convention`` says), ``metric.clean`` and ``metric.noise`` (``pair``),
+float32, per-pair effects as ``atpf.sign_convention`` says; or sparse: ``scores.<name>.indices`` and
+``scores.<name>.values`` in COO form), ``metric.clean`` and ``metric.noise`` (``pair``),
 ``tokens.clean`` and ``tokens.noise`` (``pair pos``, int64, right-padded with -1) and
 ``tokens.length`` (``pair``); string metadata under ``atpf.*`` keys. Files are written atomically
 (a temporary file in the same directory, then ``os.replace``).
@@ -23,8 +24,9 @@ from .errors import SchemaError
 
 RESULT_SCHEMA = "atpf.result"
 """Schema id written to ``atpf.schema``."""
-RESULT_SCHEMA_VERSION = 1
-"""Schema version written to ``atpf.schema_version``; files with a newer version are refused."""
+RESULT_SCHEMA_VERSION = 2
+"""Schema version written to ``atpf.schema_version``; files with a newer version are refused.
+2 added sparse score tensors (``scores.<name>.indices`` / ``.values``); version 1 files read unchanged."""
 SIGN_CONVENTION = "effect = metric(clean run with node <- its noise-run value) - metric(clean run)"
 """What the per-pair scores of signed methods (``activation_patching``, ``atp``, ``atp_qkfix``) are."""
 GRADDROP_CONVENTION = (
@@ -48,15 +50,19 @@ class NodeScores:
     index: dict[str, list[int] | str]
     """Per axis after ``pair``: the model index of each entry, or ``"all"`` (summed into one entry)."""
     per_pair: Tensor
-    """Signed effect per pair and node."""
+    """Score per pair and node (``atpf.sign_convention``); a sparse COO tensor when the selection kept
+    only its top entries (``keep_top``)."""
 
     def aggregate(self, how: Aggregate = "mean_abs") -> Tensor:
-        """Combine pairs: ``mean_abs`` (default) or signed ``mean``; shape ``layer *axes``."""
-        if how == "mean_abs":
-            return self.per_pair.abs().mean(dim=0)
-        if how == "mean":
-            return self.per_pair.mean(dim=0)
-        raise ValueError(f"aggregate: allowed: 'mean_abs', 'mean' (got {how!r})")
+        """Combine pairs: ``mean_abs`` (default) or signed ``mean``; shape ``layer *axes``.
+
+        Sparse scores (``keep_top``) count the entries that were not kept as 0."""
+        if how not in ("mean_abs", "mean"):
+            raise ValueError(f"aggregate: allowed: 'mean_abs', 'mean' (got {how!r})")
+        values = self.per_pair.abs() if how == "mean_abs" else self.per_pair
+        if values.is_sparse:
+            return torch.sparse.sum(values, dim=0).to_dense() / values.shape[0]
+        return values.mean(dim=0)
 
 
 @dataclass(frozen=True)
@@ -160,8 +166,17 @@ class AttributionResult:
 
         path = Path(path)
         tensors: dict[str, Tensor] = {}
+        layouts: dict[str, dict[str, Any]] = {}
         for name, ns in self.nodes.items():
-            tensors[f"scores.{name}"] = ns.per_pair.float().contiguous().cpu()
+            per_pair = ns.per_pair.float().cpu()
+            if per_pair.is_sparse:
+                per_pair = per_pair.coalesce()
+                tensors[f"scores.{name}.indices"] = per_pair.indices().contiguous()
+                tensors[f"scores.{name}.values"] = per_pair.values().contiguous()
+                layouts[name] = {"layout": "sparse_coo", "shape": list(per_pair.shape)}
+            else:
+                tensors[f"scores.{name}"] = per_pair.contiguous()
+                layouts[name] = {"layout": "dense"}
         tensors["metric.clean"] = self.metric_clean.float().contiguous().cpu()
         tensors["metric.noise"] = self.metric_noise.float().contiguous().cpu()
         tensors["tokens.clean"] = _pad(self.clean_tokens)
@@ -175,7 +190,7 @@ class AttributionResult:
             "atpf.metric": self.metric,
             "atpf.sign_convention": self.sign_convention,
             "atpf.nodes": json.dumps(
-                {n: {"kind": ns.kind, "dims": list(ns.dims), "index": ns.index} for n, ns in self.nodes.items()}
+                {n: {"kind": ns.kind, "dims": list(ns.dims), "index": ns.index, **layouts[n]} for n, ns in self.nodes.items()}
             ),
             "atpf.model": json.dumps(self.model, sort_keys=True),
             "atpf.versions": json.dumps(self.versions, sort_keys=True),
@@ -220,10 +235,10 @@ def load_result(path: str | Path) -> AttributionResult:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     node_meta = json.loads(meta["atpf.nodes"])
     lengths = tensors["tokens.length"].tolist()
-    nodes = {
-        name: NodeScores(name, m["kind"], tuple(m["dims"]), m["index"], tensors[f"scores.{name}"])
-        for name, m in node_meta.items()
-    }
+    try:
+        nodes = {name: NodeScores(name, m["kind"], tuple(m["dims"]), m["index"], _scores(tensors, name, m)) for name, m in node_meta.items()}
+    except (KeyError, RuntimeError) as err:
+        raise SchemaError(f"{path}: inconsistent score tensors ({type(err).__name__}: {err})") from None
     return AttributionResult(
         nodes=nodes,
         metric_clean=tensors["metric.clean"],
@@ -238,6 +253,13 @@ def load_result(path: str | Path) -> AttributionResult:
         created=meta.get("atpf.created", ""),
         sign_convention=meta.get("atpf.sign_convention", SIGN_CONVENTION),
     )
+
+
+def _scores(tensors: dict[str, Tensor], name: str, meta: dict[str, Any]) -> Tensor:
+    if meta.get("layout", "dense") == "sparse_coo":
+        indices, values = tensors[f"scores.{name}.indices"], tensors[f"scores.{name}.values"]
+        return torch.sparse_coo_tensor(indices, values, tuple(meta["shape"]), check_invariants=True).coalesce()
+    return tensors[f"scores.{name}"]
 
 
 def package_versions() -> dict[str, str]:

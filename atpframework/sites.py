@@ -15,14 +15,16 @@ leave ``backends/``.
 | ``resid_mid`` | ``batch pos d_model``           | blocks; residual stream between attention and MLP (sequential blocks only) |
 | ``attn_out`` | ``batch pos d_model``            | blocks; the attention sublayer's write to the residual stream |
 | ``mlp_out``  | ``batch pos d_model``            | blocks; the MLP sublayer's write to the residual stream |
+| ``mlp_in``   | ``batch pos d_model``            | blocks; the MLP's input after its normalization (where transcoders read) |
 
-The last three are internal: GradDrop restarts its backward passes from them; no built-in node reads them.
+``resid_mid``, ``attn_out`` and ``mlp_out`` are where GradDrop restarts its backward passes; SAEs
+attach to any site (``sae.py``).
 """
 
 from dataclasses import dataclass
 from typing import Literal
 
-SiteName = Literal["resid", "attn_z", "attn_q", "attn_k", "attn_v", "mlp_post", "resid_mid", "attn_out", "mlp_out"]
+SiteName = Literal["resid", "attn_z", "attn_q", "attn_k", "attn_v", "mlp_post", "resid_mid", "attn_out", "mlp_out", "mlp_in"]
 """Names of every built-in activation site."""
 
 SITE_NAMES: tuple[str, ...] = SiteName.__args__  # type: ignore[attr-defined]
@@ -30,10 +32,16 @@ SITE_NAMES: tuple[str, ...] = SiteName.__args__  # type: ignore[attr-defined]
 
 @dataclass(frozen=True, order=True)
 class Site:
-    """One activation tensor of the model: a site name at one layer (block or residual boundary)."""
+    """One activation tensor of the model: a site name at one layer (block or residual boundary).
+
+    ``view`` names a tensor derived from the site rather than the site itself, e.g.
+    ``"sae_latents:res12"``: the latents of the SAE ``res12`` spliced in at this site (see ``sae.py``).
+    Backends only ever see sites with an empty view.
+    """
 
     name: str
     layer: int
+    view: str = ""
 
     def __str__(self) -> str:
-        return f"{self.name}[layer={self.layer}]"
+        return f"{self.name}[layer={self.layer}]" + (f"<{self.view}>" if self.view else "")

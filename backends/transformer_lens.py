@@ -175,6 +175,9 @@ class TransformerLensBackend(AbstractBackend):
             "resid_mid": f"blocks.{site.layer}.hook_resid_mid",
             "attn_out": f"blocks.{site.layer}.hook_attn_out",
             "mlp_out": f"blocks.{site.layer}.hook_mlp_out",
+            "mlp_in": f"blocks.{site.layer}.ln2.hook_normalized"
+            if f"blocks.{site.layer}.ln2.hook_normalized" in self.model.hook_dict
+            else f"blocks.{site.layer}.hook_resid_mid",
         }[site.name]
 
     def forward(self, tokens: Tensor, hooks: Mapping[Site, Sequence[SiteHook]]) -> Tensor:

@@ -162,12 +162,22 @@ def test_safetensors_without_atpf_metadata_is_refused(tmp_path):
 def test_newer_schema_version_is_refused(saved, tmp_path):
     newer = tmp_path / "newer.safetensors"
     _rewrite_metadata(saved[1], newer, lambda m: {**m, "atpf.schema_version": "99"})
-    with pytest.raises(SchemaError, match=r"version 99, newer than this atpframework reads \(1\)"):
+    with pytest.raises(SchemaError, match=r"version 99, newer than this atpframework reads \(2\)"):
         af.load_result(newer)
     # the unchanged copy loads: the refusal is about the version alone
     same = tmp_path / "same.safetensors"
     _rewrite_metadata(saved[1], same, lambda m: m)
     assert torch.equal(af.load_result(same)["resid"].per_pair, saved[0]["resid"].per_pair)
+
+
+def test_version_1_files_without_layouts_still_load(saved, tmp_path):
+    def as_version_1(meta):
+        nodes = {name: {k: v for k, v in m.items() if k not in ("layout", "shape")} for name, m in json.loads(meta["atpf.nodes"]).items()}
+        return {**meta, "atpf.schema_version": "1", "atpf.nodes": json.dumps(nodes)}
+
+    old = tmp_path / "v1.safetensors"
+    _rewrite_metadata(saved[1], old, as_version_1)
+    assert torch.equal(af.load_result(old)["resid"].per_pair, saved[0]["resid"].per_pair)
 
 
 def test_unreadable_or_missing_files_raise_schema_error(tmp_path):

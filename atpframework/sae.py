@@ -1,0 +1,254 @@
+"""SAEs and transcoders spliced into the model: loading, where they attach, and the splice.
+
+An SAE attached at site ``S`` replaces the activation ``x`` there by
+
+    out = decode(f) + e,   f = encode(x),   e = x - decode(encode(x))
+
+so the forward pass is unchanged (to rounding). ``f`` is exposed as the view
+``sae_latents:<name>`` of ``S`` (``batch pos latent``) and ``e`` as ``sae_error:<name>``
+(``batch pos d_in``); node types ``sae_latent`` and ``sae_error`` read them, and every method
+captures, patches and differentiates them like any other site. A transcoder reads ``x`` at one site
+and replaces ``y`` at a later one: ``out = decode(encode(x)) + (y - decode(encode(x)))``.
+
+Gradient semantics of the error term (``error_gradient``):
+
+* ``pass_through`` (default, as in Marks et al. 2024): ``e`` is computed through its own copy of the
+  reconstruction, so ``d out / d x`` is the identity and every node upstream of the SAE gets exactly
+  the unmodified model's gradient; latents get ``W_dec . dMetric/dout``.
+* ``detached`` (sae_lens's ``use_error_term``): ``e`` is a constant, so upstream gradient flows only
+  through the SAE's encoder and decoder; an upstream node whose effect runs through the part of the
+  activation the SAE does not reconstruct gets (nearly) zero gradient.
+
+The splice runs on top of any backend's plain site hooks (``SplicedBackend``); SAEs are spliced only
+into passes that read their views.
+"""
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from .backend import AbstractBackend, SiteHook
+from .errors import BackendError, PlanError
+from .sites import Site
+
+_HOOK_SITES = [
+    (r"blocks\.(\d+)\.hook_resid_pre", "resid", 0),
+    (r"blocks\.(\d+)\.hook_resid_post", "resid", 1),
+    (r"blocks\.(\d+)\.hook_resid_mid", "resid_mid", 0),
+    (r"blocks\.(\d+)\.hook_attn_out", "attn_out", 0),
+    (r"blocks\.(\d+)\.hook_mlp_out", "mlp_out", 0),
+    (r"blocks\.(\d+)\.attn\.hook_z", "attn_z", 0),
+    (r"blocks\.(\d+)\.mlp\.hook_post", "mlp_post", 0),
+    (r"blocks\.(\d+)\.ln2\.hook_normalized", "mlp_in", 0),
+    (r"blocks\.(\d+)\.hook_mlp_in", "mlp_in", 0),
+]
+"""sae_lens records where an SAE was trained as a TransformerLens hook name; the site each one is."""
+
+
+def site_from_hook_name(hook_name: str) -> Site | None:
+    """The site of a TransformerLens hook name (``blocks.5.hook_resid_pre`` -> ``resid[layer=5]``), or None."""
+    for pattern, name, offset in _HOOK_SITES:
+        match = re.fullmatch(pattern, hook_name)
+        if match:
+            return Site(name, int(match.group(1)) + offset)
+    return None
+
+
+@dataclass(frozen=True)
+class AttachedSae:
+    """One SAE of a plan, loaded and placed."""
+
+    name: str
+    sae: Any
+    """The sae_lens ``SAE`` (or any module with ``encode``/``decode`` and a ``cfg`` with ``d_in``/``d_sae``)."""
+    site: Site
+    """Where the splice writes (and the site its node views belong to)."""
+    input_site: Site
+    """Where it reads: ``site`` except for transcoders."""
+    error_gradient: str
+    d_sae: int
+    source: str
+
+    @property
+    def latents_view(self) -> str:
+        return f"sae_latents:{self.name}"
+
+    @property
+    def error_view(self) -> str:
+        return f"sae_error:{self.name}"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "source": self.source, "architecture": _architecture(self.sae), "d_sae": self.d_sae,
+            "site": str(self.site), "input_site": str(self.input_site), "error_gradient": self.error_gradient,
+        }
+
+
+def _architecture(sae: Any) -> str:
+    cfg = getattr(sae, "cfg", None)
+    arch = getattr(cfg, "architecture", None)
+    return str(arch() if callable(arch) else arch or type(sae).__name__)
+
+
+def load_saes(specs: Sequence[Any], backend: AbstractBackend, in_memory: Mapping[str, Any]) -> dict[str, AttachedSae]:
+    """Load and place the plan's ``saes`` entries; ``in_memory`` supplies SAE objects by name (Python API)."""
+    out: dict[str, AttachedSae] = {}
+    unknown = set(in_memory) - {s.name for s in specs}
+    if unknown:
+        raise PlanError(f"saes: SAE object(s) {sorted(unknown)} passed to run() are not named in the plan's saes")
+    for i, spec in enumerate(specs):
+        where = f"saes[{i}]"
+        sae, source = _load_one(spec, in_memory, where)
+        out[spec.name] = _place(spec, sae, source, backend, where)
+    return out
+
+
+def _load_one(spec: Any, in_memory: Mapping[str, Any], where: str) -> tuple[Any, str]:
+    if spec.name in in_memory:
+        return in_memory[spec.name].eval(), "in_memory"
+    if spec.path is not None:
+        from sae_lens import SAE
+
+        if not (Path(spec.path) / "cfg.json").is_file():
+            raise PlanError(f"{where}.path: {spec.path!r} is not a sae_lens directory (no cfg.json)")
+        try:
+            return SAE.load_from_disk(spec.path, device="cpu").eval(), spec.path
+        except Exception as err:
+            raise BackendError(f"{where}.path: sae_lens cannot load {spec.path!r} ({type(err).__name__}: {err})") from err
+    if spec.release is not None:
+        from sae_lens import SAE
+
+        try:
+            return SAE.from_pretrained(spec.release, spec.sae_id, device="cpu").eval(), f"{spec.release}/{spec.sae_id}"
+        except Exception as err:
+            raise BackendError(
+                f"{where}: could not load pretrained SAE release={spec.release!r} sae_id={spec.sae_id!r} "
+                f"({type(err).__name__}: {err})"
+            ) from err
+    raise PlanError(f"{where}: SAE {spec.name!r} has no path or release; pass the object through run(plan, saes={{...}})")
+
+
+def _place(spec: Any, sae: Any, source: str, backend: AbstractBackend, where: str) -> AttachedSae:
+    cfg = sae.cfg
+    metadata = getattr(cfg, "metadata", None)
+    transcoder = hasattr(cfg, "d_out")
+
+    def site_of(explicit_name: str | None, explicit_layer: int | None, hook_key: str, field: str) -> Site:
+        if explicit_name is not None:
+            if explicit_layer is None:
+                raise PlanError(f"{where}.{field}_layer: required with {field}")
+            return Site(explicit_name, explicit_layer)
+        hook_name = metadata.get(hook_key) if metadata is not None else None
+        site = site_from_hook_name(hook_name) if hook_name else None
+        if site is None:
+            raise PlanError(
+                f"{where}.{field}: the SAE does not record a recognised hook ({hook_key}={hook_name!r}); "
+                f"give {field} and {field}_layer"
+            )
+        return site
+
+    input_site = site_of(spec.site, spec.site_layer, "hook_name", "site")
+    site = site_of(spec.output_site, spec.output_site_layer, "hook_name_out", "output_site") if transcoder else input_site
+    info = backend.info
+    for s, field in ((input_site, "site"), (site, "output_site")):
+        if s.name not in backend.supported_sites:
+            raise PlanError(f"{where}.{field}: the {backend.name} backend does not serve site {s.name!r}")
+        top = info.n_layers if s.name == "resid" else info.n_layers - 1
+        if not 0 <= s.layer <= top:
+            raise PlanError(f"{where}.{field}: layer {s.layer} out of range for this model (0..{top})")
+    width = {"attn_z": info.n_heads * info.d_head, "mlp_post": info.d_mlp}.get(input_site.name, info.d_model)
+    if cfg.d_in != width:
+        raise PlanError(f"{where}: the SAE's d_in is {cfg.d_in} but site {input_site} of this model has width {width}")
+    if transcoder:
+        out_width = {"attn_z": info.n_heads * info.d_head, "mlp_post": info.d_mlp}.get(site.name, info.d_model)
+        if cfg.d_out != out_width:
+            raise PlanError(f"{where}: the transcoder's d_out is {cfg.d_out} but site {site} has width {out_width}")
+        if site.layer < input_site.layer:
+            raise PlanError(f"{where}.output_site: a transcoder must write after it reads ({input_site} -> {site})")
+    return AttachedSae(spec.name, sae, site, input_site, spec.error_gradient, int(cfg.d_sae), source)
+
+
+class SplicedBackend(AbstractBackend):
+    """A backend with SAEs spliced in: serves the SAEs' views on top of the wrapped backend's sites."""
+
+    def __init__(self, inner: AbstractBackend, attached: Mapping[str, AttachedSae]) -> None:
+        self.inner = inner
+        self.attached = dict(attached)
+        self.info = inner.info
+        self.name = inner.name  # type: ignore[misc]
+        self.supported_sites = inner.supported_sites  # type: ignore[misc]
+
+    @classmethod
+    def load(cls, source: str, *, dtype: str, device: str, options: Mapping[str, Any]) -> "SplicedBackend":
+        raise NotImplementedError("wrap a loaded backend instead")
+
+    @classmethod
+    def from_model(cls, model: Any, *, tokenizer: Any = None) -> "SplicedBackend":
+        raise NotImplementedError("wrap a loaded backend instead")
+
+    def tokenize(self, text: str, prepend_bos: bool | None) -> list[int]:
+        return self.inner.tokenize(text, prepend_bos)
+
+    def attention_unsupported(self, layer: int) -> str | None:
+        return self.inner.attention_unsupported(layer)
+
+    def attention_logits(self, layer: int, q: Tensor, k: Tensor) -> Tensor:
+        return self.inner.attention_logits(layer, q, k)
+
+    def describe(self) -> dict[str, Any]:
+        out = self.inner.describe()
+        out["saes"] = [a.describe() for a in self.attached.values()]
+        return out
+
+    def forward(self, tokens: Tensor, hooks: Mapping[Site, Sequence[SiteHook]]) -> Tensor:
+        plain: dict[Site, list[SiteHook]] = {s: list(fns) for s, fns in hooks.items() if not s.view}
+        for sae in self.attached.values():
+            latent_fns = list(hooks.get(Site(sae.site.name, sae.site.layer, sae.latents_view), ()))
+            error_fns = list(hooks.get(Site(sae.site.name, sae.site.layer, sae.error_view), ()))
+            if not latent_fns and not error_fns:
+                continue
+            inputs: dict[str, Tensor] = {}
+            if sae.input_site != sae.site:
+                plain.setdefault(sae.input_site, []).append(_keep_input(inputs))
+            plain.setdefault(sae.site, []).insert(0, _splice(sae, latent_fns, error_fns, inputs))
+        return self.inner.forward(tokens, plain)
+
+
+def _keep_input(store: dict[str, Tensor]) -> SiteHook:
+    def hook(act: Tensor) -> None:
+        store["x"] = act
+
+    return hook
+
+
+def _splice(sae: AttachedSae, latent_fns: list[SiteHook], error_fns: list[SiteHook], inputs: dict[str, Tensor]) -> SiteHook:
+    module = sae.sae
+
+    def apply(fns: list[SiteHook], value: Tensor) -> Tensor:
+        for fn in fns:
+            replaced = fn(value)
+            if replaced is not None:
+                value = replaced
+        return value
+
+    def hook(act: Tensor) -> Tensor:
+        heads = act.dim() == 4  # attn_z: batch pos head d_head, SAEs read the heads concatenated
+        y = rearrange(act, "batch pos head d_head -> batch pos (head d_head)") if heads else act
+        x = inputs.get("x", y)
+        dtype = next(module.parameters()).dtype
+        codes = module.encode(x.to(dtype))  # batch pos latent
+        latents = apply(latent_fns, codes.clone())  # a node of its own: its gradient is W_dec . dMetric/dout
+        error = y.to(dtype) - module.decode(codes)
+        if sae.error_gradient == "detached":
+            error = error.detach()
+        error = apply(error_fns, error)
+        out = (module.decode(latents) + error).to(act.dtype)
+        return rearrange(out, "batch pos (head d_head) -> batch pos head d_head", head=act.shape[2]) if heads else out
+
+    return hook

@@ -1,0 +1,74 @@
+"""``sae_latent`` and ``sae_error``: the latents and the reconstruction error of an SAE the plan splices in.
+
+Both read views of the SAE's site (``atpframework.sae``), at the SAE's layer: the result's ``layer``
+axis has one entry, that layer. Latents are scalars per position (``pos latent``); the error is the
+vector ``x - decode(encode(x))`` per position. Patching a latent writes its noise-run value and
+decodes, keeping the clean error; patching the error writes the noise-run error.
+
+For realistic dictionaries (tens of thousands of latents, hundreds of positions) ``keep_top`` keeps
+the largest latents of each pair and the result stores them as a sparse tensor.
+"""
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import Field
+
+from atpframework.backend import ModelInfo
+from atpframework.node import AbstractNode, AxisSelection, BoundNodes, NodeSpec, Selection, resolve_axis
+
+
+class SaeLatentSpec(NodeSpec):
+    """Select SAE latents."""
+
+    kind: Literal["sae_latent"]
+    sae: str
+    """The ``name`` of one of the plan's ``saes``."""
+    layers: Literal["each"] = "each"
+    """Fixed: the SAE's layer."""
+    positions: Selection = "each"
+    latents: Selection = "each"
+    keep_top: int | None = Field(None, ge=1)
+    """Keep only the ``keep_top`` latents with the largest ``|score|`` per pair (per position, or over the
+    whole selection: ``keep_top_per``) and store them sparsely; None keeps every latent (dense)."""
+    keep_top_per: Literal["position", "selection"] = "position"
+
+
+class SaeErrorSpec(NodeSpec):
+    """Select an SAE's reconstruction error."""
+
+    kind: Literal["sae_error"]
+    sae: str
+    layers: Literal["each"] = "each"
+    positions: Selection = "each"
+
+
+def _bind(node: AbstractNode, spec: Any, seq_len: int, where: str, attached: Mapping[str, Any], view: str) -> BoundNodes:
+    sae = attached[spec.sae]
+    layer = sae.site.layer
+    axes = [resolve_axis(spec.positions, "pos", seq_len, f"{where}.positions", allow_negative=True)]
+    if "latent" in node.index_dims:
+        axes.append(resolve_axis(spec.latents, "latent", sae.d_sae, f"{where}.latents", allow_negative=False))
+    layers = AxisSelection("layer", 1, ((layer,),), [layer])
+    return BoundNodes(spec, node, layers, tuple(axes), site_name=sae.site.name, view=getattr(sae, view))
+
+
+class SaeLatent(AbstractNode):
+    kind = "sae_latent"
+    spec_type = SaeLatentSpec
+    site = "sae_latents"
+    index_dims = ("pos", "latent")
+    n_feature_dims = 0
+
+    def bind(self, spec: NodeSpec, info: ModelInfo, seq_len: int, where: str, attached: Mapping[str, Any]) -> BoundNodes:
+        return _bind(self, spec, seq_len, where, attached, "latents_view")
+
+
+class SaeError(AbstractNode):
+    kind = "sae_error"
+    spec_type = SaeErrorSpec
+    site = "sae_error"
+    index_dims = ("pos",)
+
+    def bind(self, spec: NodeSpec, info: ModelInfo, seq_len: int, where: str, attached: Mapping[str, Any]) -> BoundNodes:
+        return _bind(self, spec, seq_len, where, attached, "error_view")
