@@ -105,6 +105,8 @@ def load_saes(specs: Sequence[Any], backend: AbstractBackend, in_memory: Mapping
     for i, spec in enumerate(specs):
         where = f"saes[{i}]"
         sae, source = _load_one(spec, in_memory, where)
+        if str(next(sae.parameters()).device) != backend.info.device:
+            sae = sae.to(backend.info.device)
         out[spec.name] = _place(spec, sae, source, backend, where)
     return out
 

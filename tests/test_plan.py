@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 from conftest import make_plan, tiny_model
@@ -226,3 +227,10 @@ def test_plan_json_schema_lists_every_installed_node_kind():
         assert spec["properties"]["kind"]["const"] == kind
         assert spec.get("additionalProperties") is False
     assert "schema" in schema["properties"] and "schema_" not in schema["properties"]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "examples").glob("*.json")), ids=lambda p: p.name)
+def test_example_plans_validate(path):
+    """The shipped examples stay valid as the schema evolves (loading their models is not needed)."""
+    plan = af.load_plan(path)
+    assert plan.nodes and plan.output
