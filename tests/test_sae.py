@@ -122,15 +122,16 @@ def test_error_gradient_semantics_differ_where_they_must():
     sae = make_sae("standard")
     with torch.no_grad():
         sae.W_enc.zero_()
-    nodes = [{"kind": "attn_head"}, {"kind": "sae_error", "sae": "s"}]
-    plain = af.run(make_plan([{"kind": "attn_head"}]), model=model)
+    nodes = [{"kind": "attn_head"}, {"kind": "mlp_neuron"}, {"kind": "sae_error", "sae": "s"}]
+    plain = af.run(make_plan([{"kind": "attn_head"}, {"kind": "mlp_neuron"}]), model=model)
     through = af.run(sae_plan(nodes, error_gradient="pass_through"), model=model, saes={"s": sae})
     detached = af.run(sae_plan(nodes, error_gradient="detached"), model=model, saes={"s": sae})
-    upstream, downstream = (slice(None), 0), (slice(None), 1)  # layer 0 heads feed the SAE at resid 1
-    assert plain["attn_head"].per_pair[upstream].abs().max() > 1e-2
-    torch.testing.assert_close(through["attn_head"].per_pair, plain["attn_head"].per_pair, rtol=1e-6, atol=1e-6)
-    assert detached["attn_head"].per_pair[upstream].abs().max() == 0
-    torch.testing.assert_close(detached["attn_head"].per_pair[downstream], plain["attn_head"].per_pair[downstream])
+    upstream, downstream = (slice(None), 0), (slice(None), 1)  # layer 0 feeds the SAE at resid 1
+    for kind in ("attn_head", "mlp_neuron"):
+        assert plain[kind].per_pair[upstream].abs().max() > 1e-2
+        torch.testing.assert_close(through[kind].per_pair, plain[kind].per_pair, rtol=1e-6, atol=1e-6)
+        assert detached[kind].per_pair[upstream].abs().max() == 0
+        torch.testing.assert_close(detached[kind].per_pair[downstream], plain[kind].per_pair[downstream])
     # the error node itself carries the same estimate either way
     torch.testing.assert_close(through["sae_error"].per_pair, detached["sae_error"].per_pair)
 
