@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from .errors import AtpfError, PlanError, SchemaError
+from .results import SIGN_CONVENTION
 
 
 class _PlanFirstGroup(click.Group):
@@ -56,7 +57,7 @@ def _guard(debug: bool, action: Callable[[], Any]) -> Any:
 @click.group(cls=_PlanFirstGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="atpframework")
 def main() -> None:
-    """atpframework: which parts of a language model cause a behaviour (AtP and activation patching).
+    """atpframework: which parts of a language model cause a behaviour (AtP, AtP* and activation patching).
 
     Run a plan with `atpf PLAN.json`; see `atpf run --help`.
     """
@@ -128,12 +129,18 @@ def _quiet_model_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _score_name(result: Any, aggregate: str) -> str:
+    if result.sign_convention != SIGN_CONVENTION:  # GradDrop scores: non-negative already
+        return "mean GradDrop score"
+    return "mean |effect|" if aggregate == "mean_abs" else "signed mean effect"
+
+
 def _format_top(result: Any, top: int, aggregate: str) -> str:
     n_pairs = len(result.metric_clean)
     mc, mn = result.metric_clean.mean().item(), result.metric_noise.mean().item()
     lines = [
         f"method {result.method}, metric {result.metric}: clean {mc:.4f}, noise {mn:.4f} (mean over {n_pairs} pair(s))",
-        f"top {top} nodes by {'mean |effect|' if aggregate == 'mean_abs' else 'signed mean effect'}:",
+        f"top {top} nodes by {_score_name(result, aggregate)}:",
         f"{'rank':>4}  {'node':<28} {'score':>11} {'signed mean':>12}",
     ]
     for rank, row in enumerate(result.top_k(top, how=aggregate), start=1):  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import make_plan, tiny_model
 
 import atpframework as af
 from atpframework.cli import main
@@ -197,3 +198,10 @@ def test_python_dash_m_exit_codes(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 
     assert sorted(os.listdir(tmp_path)) == ["bad.json", "junk.safetensors"]
+
+
+def test_show_names_graddrop_scores_for_what_they_are(tmp_path):
+    af.run(make_plan([{"kind": "attn_head"}], method="atp_graddrop"), model=tiny_model(), output=tmp_path / "gd.safetensors")
+    shown = invoke("show", tmp_path / "gd.safetensors", "--top", "2")
+    assert shown.exit_code == 0, shown.output
+    assert "top 2 nodes by mean GradDrop score" in shown.output
