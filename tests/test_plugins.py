@@ -118,7 +118,7 @@ def test_discovery_lists_without_importing(plugin_site):
     assert out["after"] == sorted(BUILTIN_KINDS + ["mlp_neuron_sum"])
     assert out["schema"] == out["after"]
     assert out["heavy"] == []
-    assert out["backends"] == ["transformer_lens"]
+    assert out["backends"] == ["huggingface", "transformer_lens"]
 
 
 # ----------------------------------------------------------------------------------------- in process

@@ -1,0 +1,525 @@
+"""The raw Hugging Face backend: ``transformers`` causal language models without TransformerLens.
+
+This module owns the mapping from sites to plain PyTorch hooks on Hugging Face modules, for GPT-2 and
+Llama-style models (Llama, Mistral, Qwen2: RMSNorm, rotary embeddings, grouped-query attention,
+gated MLP). Per-architecture knowledge (module paths, which norm precedes the MLP, the down
+projection) lives in small adapter classes selected by ``config.model_type``.
+
+How sites are served:
+    * ``resid`` (boundary ``l < n_layers``): forward pre-hook on decoder layer ``l``'s hidden-states
+      input; boundary ``n_layers``: pre-hook on the final norm.
+    * ``mlp_post``: pre-hook on the MLP down projection; ``mlp_in``: forward hook on the
+      post-attention norm; ``mlp_out``: forward hook on the MLP; ``attn_out``: forward hook on the
+      attention module (its first output).
+    * ``resid_mid``: the block adds the attention output to its input itself, so the attention
+      forward hook hands the hook ``block_input + attn_out`` and returns ``resid_mid - block_input``
+      as the attention output. The block's ``resid_mid`` then equals the hook's tensor up to one
+      float rounding (exact gradients; values within an ulp of the residual stream).
+    * ``attn_q``/``attn_k``/``attn_v``/``attn_z``: post-rotary queries and keys only exist inside the
+      attention module, where it calls the attention function named by ``config._attn_implementation``
+      (``AttentionInterface``). During one ``forward`` the model's configs name a wrapper registered
+      under ``atpf_sites|<original>``, which runs the site hooks (layout ``batch pos head d_head``,
+      keys and values with ``n_kv_heads`` heads), calls the original function (eager or sdpa), and
+      runs the ``attn_z`` hooks on its output. The original names are restored in ``finally``.
+
+Every hook is registered inside ``forward`` and removed in ``finally``; the user's model is not
+otherwise modified. The only global change is the one-time registration of the wrapper names in
+``AttentionInterface`` and ``AttentionMaskInterface``.
+"""
+
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from einops import einsum
+from torch import Tensor, nn
+
+from atpframework.backend import AbstractBackend, ModelInfo, SiteHook
+from atpframework.bundled import BUNDLED_PREFIX, bundled_model_dir
+from atpframework.errors import BackendError, PlanError
+from atpframework.sites import Site
+
+_OPTIONS = {"attn_implementation"}
+_ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+_HOOKED_PREFIX = "atpf_sites|"
+_ATTENTION_SITES = frozenset({"attn_q", "attn_k", "attn_v", "attn_z"})
+
+
+# ----------------------------------------------------------------- architecture adapters
+class ArchitectureAdapter:
+    """Where one architecture family keeps the modules the sites hook."""
+
+    model_types: ClassVar[frozenset[str]]
+    positional_embedding: ClassVar[str]
+    normalization: ClassVar[str]
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+
+    def layers(self) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    def attention(self, layer: int) -> nn.Module:
+        raise NotImplementedError
+
+    def post_attention_norm(self, layer: int) -> nn.Module:
+        raise NotImplementedError
+
+    def mlp(self, layer: int) -> nn.Module:
+        raise NotImplementedError
+
+    def down_projection(self, layer: int) -> nn.Module:
+        raise NotImplementedError
+
+    def d_mlp(self) -> int:
+        raise NotImplementedError
+
+    def n_kv_heads(self) -> int:
+        return int(getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads)
+
+    def sliding_window(self, layer: int) -> int | None:
+        """Keys visible to a query: ``key > query - window``; None: the full causal prefix."""
+        return None
+
+    def unsupported(self) -> str | None:
+        """Why the backend cannot serve this model faithfully, or None."""
+        return None
+
+
+class GPT2Adapter(ArchitectureAdapter):
+    """GPT-2: LayerNorm, learned positions, ``Conv1D`` projections, sequential blocks."""
+
+    model_types = frozenset({"gpt2"})
+    positional_embedding = "standard"
+    normalization = "LN"
+
+    def layers(self) -> Sequence[nn.Module]:
+        return self.model.transformer.h
+
+    def final_norm(self) -> nn.Module:
+        return self.model.transformer.ln_f
+
+    def attention(self, layer: int) -> nn.Module:
+        return self.layers()[layer].attn
+
+    def post_attention_norm(self, layer: int) -> nn.Module:
+        return self.layers()[layer].ln_2
+
+    def mlp(self, layer: int) -> nn.Module:
+        return self.layers()[layer].mlp
+
+    def down_projection(self, layer: int) -> nn.Module:
+        return self.layers()[layer].mlp.c_proj
+
+    def d_mlp(self) -> int:
+        return int(self.config.n_inner if self.config.n_inner is not None else 4 * self.config.hidden_size)
+
+    def unsupported(self) -> str | None:
+        if getattr(self.config, "reorder_and_upcast_attn", False):
+            return "GPT-2 with reorder_and_upcast_attn (its eager path bypasses the attention interface)"
+        if getattr(self.config, "add_cross_attention", False):
+            return "GPT-2 with cross-attention"
+        return None
+
+
+class LlamaAdapter(ArchitectureAdapter):
+    """Llama, Mistral, Qwen2: RMSNorm, rotary embeddings, grouped-query attention, gated MLP."""
+
+    model_types = frozenset({"llama", "mistral", "qwen2"})
+    positional_embedding = "rotary"
+    normalization = "RMS"
+
+    def layers(self) -> Sequence[nn.Module]:
+        return self.model.model.layers
+
+    def final_norm(self) -> nn.Module:
+        return self.model.model.norm
+
+    def attention(self, layer: int) -> nn.Module:
+        return self.layers()[layer].self_attn
+
+    def post_attention_norm(self, layer: int) -> nn.Module:
+        return self.layers()[layer].post_attention_layernorm
+
+    def mlp(self, layer: int) -> nn.Module:
+        return self.layers()[layer].mlp
+
+    def down_projection(self, layer: int) -> nn.Module:
+        return self.layers()[layer].mlp.down_proj
+
+    def d_mlp(self) -> int:
+        return int(self.config.intermediate_size)
+
+    def sliding_window(self, layer: int) -> int | None:
+        attention = self.attention(layer)
+        if hasattr(attention, "sliding_window"):  # Qwen2: per layer
+            return attention.sliding_window
+        return getattr(self.config, "sliding_window", None)  # Mistral: every layer; Llama: none
+
+
+ADAPTERS: tuple[type[ArchitectureAdapter], ...] = (GPT2Adapter, LlamaAdapter)
+"""Adapters by family; ``config.model_type`` picks one."""
+
+
+def adapter_for(model: nn.Module) -> ArchitectureAdapter:
+    """The adapter serving ``model``, or a BackendError naming the supported model types."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for adapter_cls in ADAPTERS:
+        if model_type in adapter_cls.model_types:
+            return adapter_cls(model)
+    supported = sorted(t for cls in ADAPTERS for t in cls.model_types)
+    raise BackendError(
+        f"the huggingface backend does not support model_type {model_type!r}; supported: {', '.join(supported)} "
+        "(the transformer_lens backend may serve it)"
+    )
+
+
+# ----------------------------------------------------------------- attention-function wrapper
+@dataclass
+class _AttentionSiteHooks:
+    """The site hooks of one attention module during one ``forward``."""
+
+    query: list[SiteHook] = field(default_factory=list)
+    key: list[SiteHook] = field(default_factory=list)
+    value: list[SiteHook] = field(default_factory=list)
+    mixed_values: list[SiteHook] = field(default_factory=list)
+
+
+_ACTIVE_ATTENTION_HOOKS: dict[nn.Module, _AttentionSiteHooks] = {}
+"""Attention modules with site hooks, filled only inside ``HuggingFaceBackend.forward``."""
+
+_REGISTERED_WRAPPERS: set[str] = set()
+
+
+def _apply_site_hooks(act: Tensor, fns: Sequence[SiteHook]) -> Tensor:
+    for fn in fns:
+        replaced = fn(act)
+        if replaced is not None:
+            act = replaced
+    return act
+
+
+def _apply_heads_first(states: Tensor, fns: Sequence[SiteHook]) -> Tensor:
+    """Run hooks on ``batch head pos d_head`` states in the canonical ``batch pos head d_head`` layout."""
+    if not fns:
+        return states
+    return _apply_site_hooks(states.transpose(1, 2), fns).transpose(1, 2)
+
+
+def _original_attention(implementation: str, module: nn.Module) -> Callable[..., tuple[Tensor, Any]]:
+    """The attention function the module would call under ``implementation``."""
+    if implementation == "eager":  # each modeling file defines its own eager function
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise BackendError(f"{type(module).__name__}'s module defines no eager_attention_forward")
+        return eager
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def _hooked_attention_name(implementation: str) -> str:
+    """Register (once) and name the site-hooking wrapper around ``implementation``."""
+    name = _HOOKED_PREFIX + implementation
+    if name in _REGISTERED_WRAPPERS:
+        return name
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    def hooked_attention(
+        module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs: Any
+    ) -> tuple[Tensor, Any]:
+        original = _original_attention(implementation, module)
+        hooks = _ACTIVE_ATTENTION_HOOKS.get(module)
+        if hooks is None:
+            return original(module, query, key, value, attention_mask, **kwargs)
+        query = _apply_heads_first(query, hooks.query)
+        key = _apply_heads_first(key, hooks.key)
+        value = _apply_heads_first(value, hooks.value)
+        mixed, weights = original(module, query, key, value, attention_mask, **kwargs)  # batch pos head d_head
+        return _apply_site_hooks(mixed, hooks.mixed_values), weights
+
+    AttentionInterface.register(name, hooked_attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
+    _REGISTERED_WRAPPERS.add(name)
+    return name
+
+
+# ----------------------------------------------------------------- the backend
+class HuggingFaceBackend(AbstractBackend):
+    """Runs plans on Hugging Face ``transformers`` causal language models (GPT-2, Llama family)."""
+
+    name = "huggingface"
+    supported_sites = frozenset(
+        {"resid", "attn_z", "attn_q", "attn_k", "attn_v", "mlp_post", "resid_mid", "attn_out", "mlp_out", "mlp_in"}
+    )
+
+    def __init__(self, model: Any, tokenizer: Any = None, source: str = "in_memory", prepend_bos: bool | None = None) -> None:
+        from transformers import PreTrainedModel
+
+        if not isinstance(model, PreTrainedModel):
+            raise BackendError(f"the huggingface backend serves transformers PreTrainedModel objects, got {type(model).__name__}")
+        if model.training:
+            raise BackendError("the model is in training mode (dropout would make patching noisy); call model.eval() first")
+        self.adapter = adapter_for(model)
+        reason = self.adapter.unsupported()
+        if reason:
+            raise BackendError(f"the huggingface backend does not support {reason}")
+        if model.get_output_embeddings() is None:
+            raise BackendError(f"{type(model).__name__} has no language-model head; load it with AutoModelForCausalLM")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.default_prepend_bos = _tokenizer_adds_bos(tokenizer) if prepend_bos is None else prepend_bos
+        config = model.config
+        param = next(model.parameters())
+        attention = self.adapter.attention(0)
+        self.info = ModelInfo(
+            source=source,
+            architecture=str((getattr(config, "architectures", None) or [type(model).__name__])[0]),
+            n_layers=int(config.num_hidden_layers),
+            d_model=int(config.hidden_size),
+            n_heads=int(config.num_attention_heads),
+            n_kv_heads=self.adapter.n_kv_heads(),
+            d_head=int(attention.head_dim),
+            d_mlp=self.adapter.d_mlp(),
+            d_vocab=int(model.get_output_embeddings().weight.shape[0]),
+            dtype=str(param.dtype).removeprefix("torch."),
+            device=str(param.device),
+            positional_embedding=self.adapter.positional_embedding,
+            normalization=self.adapter.normalization,
+            parallel_blocks=False,
+        )
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def from_model(cls, model: Any, *, tokenizer: Any = None) -> "HuggingFaceBackend":
+        return cls(model, tokenizer=tokenizer)
+
+    @classmethod
+    def load(cls, source: str, *, dtype: str, device: str, options: Mapping[str, Any]) -> "HuggingFaceBackend":
+        unknown = set(options) - _OPTIONS
+        if unknown:
+            raise PlanError(f"model.options: unknown option(s) {sorted(unknown)} for the huggingface backend; allowed: {sorted(_OPTIONS)}")
+        implementation = options.get("attn_implementation", "eager")
+        if implementation not in _ATTN_IMPLEMENTATIONS:
+            raise PlanError(f"model.options.attn_implementation: allowed: {', '.join(_ATTN_IMPLEMENTATIONS)} (got {implementation!r})")
+        if source == "in_memory":
+            raise PlanError("model.source: 'in_memory' needs the model object, passed through the Python API (run(plan, model=...))")
+        torch_dtype = getattr(torch, dtype)
+        if source.startswith(BUNDLED_PREFIX):
+            return cls._from_pretrained(bundled_model_dir(source), source, torch_dtype, device, implementation, prepend_bos=False)
+        if Path(source).is_dir():
+            return cls._from_pretrained(Path(source), source, torch_dtype, device, implementation, prepend_bos=None)
+        return cls._from_pretrained(source, source, torch_dtype, device, implementation, prepend_bos=None)
+
+    @classmethod
+    def _from_pretrained(
+        cls, location: Path | str, source: str, dtype: torch.dtype, device: str, implementation: str, prepend_bos: bool | None
+    ) -> "HuggingFaceBackend":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        is_local = isinstance(location, Path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(location)
+        except Exception:  # a weights-only directory: token-id prompts still work
+            tokenizer = None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation=implementation)
+        except Exception as err:
+            if is_local:
+                raise BackendError(f"model.source: cannot load a Hugging Face model from {str(location)!r}: {err}") from err
+            raise BackendError(
+                f"model.source: could not load {source!r} from the model hub ({type(err).__name__}: {err}). "
+                "It is neither a local directory nor a bundled model (bundled: smollm2-135m-instruct)."
+            ) from err
+        return cls(model.to(device).eval(), tokenizer=tokenizer, source=source, prepend_bos=prepend_bos)
+
+    # ----------------------------------------------------------------- running
+    def tokenize(self, text: str, prepend_bos: bool | None) -> list[int]:
+        if self.tokenizer is None:
+            raise PlanError("prompts: this model has no tokenizer; give prompts as token ids")
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if prepend_bos is None:
+            prepend_bos = self.default_prepend_bos
+        if prepend_bos:
+            if self.tokenizer.bos_token_id is None:
+                raise PlanError("prepend_bos: the tokenizer has no BOS token")
+            ids = [self.tokenizer.bos_token_id] + ids
+        return ids
+
+    def forward(self, tokens: Tensor, hooks: Mapping[Site, Sequence[SiteHook]]) -> Tensor:
+        by_site = {site: list(fns) for site, fns in hooks.items() if fns}
+        for site in by_site:
+            self._check_site(site)
+        handles: list[torch.utils.hooks.RemovableHandle] = []
+        hooked_attention: list[nn.Module] = []
+        saved_implementations: list[tuple[Any, Any]] = []
+        try:
+            self._install_module_hooks(by_site, handles)
+            attention_hooks = self._attention_site_hooks(by_site)
+            if attention_hooks:
+                saved_implementations = self._route_attention_through_wrapper()
+                for module, site_hooks in attention_hooks.items():
+                    _ACTIVE_ATTENTION_HOOKS[module] = site_hooks
+                    hooked_attention.append(module)
+            output = self.model(input_ids=tokens.to(self.device), use_cache=False)
+            return output.logits
+        finally:
+            for module in hooked_attention:
+                _ACTIVE_ATTENTION_HOOKS.pop(module, None)
+            for config, implementation in reversed(saved_implementations):
+                config._attn_implementation_internal = implementation
+            for handle in handles:
+                handle.remove()
+
+    def _check_site(self, site: Site) -> None:
+        if site.name not in self.supported_sites:
+            raise BackendError(f"the huggingface backend cannot hook site {site.name!r}")
+        top = self.info.n_layers if site.name == "resid" else self.info.n_layers - 1
+        if not 0 <= site.layer <= top:
+            raise BackendError(f"site {site}: layer out of range 0..{top}")
+
+    def _install_module_hooks(self, by_site: Mapping[Site, list[SiteHook]], handles: list[Any]) -> None:
+        """PyTorch module hooks for every site outside the attention function (handles appended as made)."""
+        adapter, n_layers = self.adapter, self.info.n_layers
+
+        def fns(name: str, layer: int) -> list[SiteHook]:
+            return by_site.get(Site(name, layer), [])
+
+        final_resid = fns("resid", n_layers)
+        if final_resid:
+            handles.append(adapter.final_norm().register_forward_pre_hook(_replace_first_input(final_resid)))
+        for layer in range(n_layers):
+            resid, resid_mid = fns("resid", layer), fns("resid_mid", layer)
+            block_inputs: dict[str, Tensor] = {}
+            if resid or resid_mid:
+                handles.append(
+                    adapter.layers()[layer].register_forward_pre_hook(
+                        _block_input_hook(resid, block_inputs), with_kwargs=True
+                    )
+                )
+            attn_out = fns("attn_out", layer)
+            if attn_out or resid_mid:
+                handles.append(
+                    adapter.attention(layer).register_forward_hook(_attention_output_hook(attn_out, resid_mid, block_inputs))
+                )
+            if fns("mlp_in", layer):
+                handles.append(adapter.post_attention_norm(layer).register_forward_hook(_replace_output(fns("mlp_in", layer))))
+            if fns("mlp_post", layer):
+                handles.append(adapter.down_projection(layer).register_forward_pre_hook(_replace_first_input(fns("mlp_post", layer))))
+            if fns("mlp_out", layer):
+                handles.append(adapter.mlp(layer).register_forward_hook(_replace_output(fns("mlp_out", layer))))
+
+    def _attention_site_hooks(self, by_site: Mapping[Site, list[SiteHook]]) -> dict[nn.Module, _AttentionSiteHooks]:
+        result: dict[nn.Module, _AttentionSiteHooks] = {}
+        field_of_site = {"attn_q": "query", "attn_k": "key", "attn_v": "value", "attn_z": "mixed_values"}
+        for site, fns in by_site.items():
+            if site.name in _ATTENTION_SITES:
+                site_hooks = result.setdefault(self.adapter.attention(site.layer), _AttentionSiteHooks())
+                getattr(site_hooks, field_of_site[site.name]).extend(fns)
+        return result
+
+    def _route_attention_through_wrapper(self) -> list[tuple[Any, Any]]:
+        """Point every config of the model at the hooking wrapper; returns (config, original) pairs to restore."""
+        from transformers import PretrainedConfig
+
+        configs: dict[int, Any] = {id(self.model.config): self.model.config}
+        for module in self.model.modules():
+            config = getattr(module, "config", None)
+            if isinstance(config, PretrainedConfig):
+                configs.setdefault(id(config), config)
+        saved: list[tuple[Any, Any]] = []
+        for config in configs.values():
+            implementation = config._attn_implementation_internal
+            if implementation not in _ATTN_IMPLEMENTATIONS:
+                raise BackendError(
+                    f"attention sites need attn_implementation 'eager' or 'sdpa'; the model uses {implementation!r}"
+                )
+            name = _hooked_attention_name(implementation)
+            saved.append((config, implementation))
+            config._attn_implementation_internal = name
+        return saved
+
+    # ----------------------------------------------------------------- attention
+    def attention_unsupported(self, layer: int) -> str | None:
+        return None  # unsupported configurations are refused when the backend is built
+
+    def attention_logits(self, layer: int, q: Tensor, k: Tensor) -> Tensor:
+        attention = self.adapter.attention(layer)
+        group = q.shape[2] // k.shape[2]
+        keys = torch.repeat_interleave(k, group, dim=2)  # as transformers' repeat_kv
+        logits = einsum(q, keys, "batch query head d_head, batch key head d_head -> batch head query key") * attention.scaling
+        softcap = getattr(self.model.config, "attn_logit_softcapping", None)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        n_query, n_key = q.shape[1], k.shape[1]
+        query_pos = torch.arange(n_query, device=logits.device)[:, None] + (n_key - n_query)
+        key_pos = torch.arange(n_key, device=logits.device)[None, :]
+        visible = key_pos <= query_pos
+        window = self.adapter.sliding_window(layer)
+        if window is not None:
+            visible = visible & (key_pos > query_pos - window)
+        return logits.masked_fill(~visible, float("-inf"))
+
+
+# ----------------------------------------------------------------- hook factories
+def _replace_first_input(fns: list[SiteHook]) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (_apply_site_hooks(args[0], fns), *args[1:])
+
+    return hook
+
+
+def _replace_output(fns: list[SiteHook]) -> Callable[[nn.Module, Any, Tensor], Tensor]:
+    def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+        return _apply_site_hooks(output, fns)
+
+    return hook
+
+
+def _block_input_hook(
+    resid: list[SiteHook], block_inputs: dict[str, Tensor]
+) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Pre-hook on a decoder layer: ``resid`` hooks on its hidden-states input, which is kept for ``resid_mid``."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if args:
+            hidden = _apply_site_hooks(args[0], resid)
+            args = (hidden, *args[1:])
+        else:
+            hidden = _apply_site_hooks(kwargs["hidden_states"], resid)
+            kwargs = {**kwargs, "hidden_states": hidden}
+        block_inputs["hidden"] = hidden
+        return args, kwargs
+
+    return hook
+
+
+def _attention_output_hook(
+    attn_out: list[SiteHook], resid_mid: list[SiteHook], block_inputs: dict[str, Tensor]
+) -> Callable[[nn.Module, Any, tuple[Any, ...]], tuple[Any, ...]]:
+    """Forward hook on an attention module: ``attn_out`` hooks, then ``resid_mid`` hooks on input + output."""
+
+    def hook(module: nn.Module, args: Any, output: tuple[Any, ...]) -> tuple[Any, ...]:
+        written = _apply_site_hooks(output[0], attn_out)
+        if resid_mid:
+            block_input = block_inputs["hidden"]
+            mid = _apply_site_hooks(block_input + written, resid_mid)
+            written = mid - block_input  # the block adds block_input back
+        return (written, *output[1:])
+
+    return hook
+
+
+def _tokenizer_adds_bos(tokenizer: Any) -> bool:
+    if tokenizer is None or tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
