@@ -84,3 +84,16 @@ def test_atp_star_recalls_ioi_queries_keys_values_at_least_as_well_as_atp(backen
     assert star_recall >= atp_recall, figures
     assert star_missed <= atp_missed, figures
     assert star_recall >= 0.8, figures
+
+
+def test_hugging_face_backend_matches_transformer_lens_on_ioi_atp_star(backend):
+    """The raw Hugging Face backend (no conversion) against the TransformerLens backend on the bundled model."""
+    nodes = [{"kind": "attn_head", "positions": [-1]}, {"kind": "mlp_neuron", "positions": [-1]}]
+    plan = {"model": {"source": "bundled:smollm2-135m-instruct"}, "prompts": [IOI], "nodes": nodes, "method": {"name": "atp_star"}}
+    hf_plan = dict(plan, model={"source": "bundled:smollm2-135m-instruct", "backend": "huggingface"})
+    tl = af.run(plan, backend=backend)
+    hf = af.run(hf_plan)
+    for name in ("attn_head", "mlp_neuron"):
+        a, b = tl[name].per_pair, hf[name].per_pair
+        assert a.abs().max() > 0.1
+        assert (a - b).abs().max().item() <= 1e-4 * a.abs().max().item(), name
