@@ -25,7 +25,7 @@ without cancellation even in saturated rows.
 from dataclasses import dataclass
 
 import torch
-from einops import einsum, rearrange, reduce, repeat
+from einops import einsum, reduce, repeat
 from torch import Tensor
 
 NEG_INF = float("-inf")

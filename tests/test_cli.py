@@ -6,10 +6,8 @@ import os
 import re
 import subprocess
 import sys
-import warnings
 
 import pytest
-import torch
 from click.testing import CliRunner
 from conftest import make_plan, tiny_model
 

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import warnings
 from typing import Literal
 
 import pytest
