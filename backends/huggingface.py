@@ -52,7 +52,6 @@ _ATTENTION_SITES = frozenset({"attn_q", "attn_k", "attn_v", "attn_z"})
 class ArchitectureAdapter:
     """Where one architecture family keeps the modules the sites hook."""
 
-    model_types: ClassVar[frozenset[str]]
     positional_embedding: ClassVar[str]
     normalization: ClassVar[str]
 
@@ -96,7 +95,6 @@ class ArchitectureAdapter:
 class GPT2Adapter(ArchitectureAdapter):
     """GPT-2: LayerNorm, learned positions, ``Conv1D`` projections, sequential blocks."""
 
-    model_types = frozenset({"gpt2"})
     positional_embedding = "standard"
     normalization = "LN"
 
@@ -132,7 +130,6 @@ class GPT2Adapter(ArchitectureAdapter):
 class LlamaAdapter(ArchitectureAdapter):
     """Llama, Mistral, Qwen2: RMSNorm, rotary embeddings, grouped-query attention, gated MLP."""
 
-    model_types = frozenset({"llama", "mistral", "qwen2"})
     positional_embedding = "rotary"
     normalization = "RMS"
 
@@ -164,21 +161,29 @@ class LlamaAdapter(ArchitectureAdapter):
         return getattr(self.config, "sliding_window", None)  # Mistral: every layer; Llama: none
 
 
-ADAPTERS: tuple[type[ArchitectureAdapter], ...] = (GPT2Adapter, LlamaAdapter)
-"""Adapters by family; ``config.model_type`` picks one."""
+ARCHITECTURE_GROUP = "atpframework.hf_architectures"
+"""Entry-point group of architecture adapters: the entry name is a ``config.model_type``, the value an
+``ArchitectureAdapter`` subclass. The built-in ones register here exactly as a third party would."""
 
 
 def adapter_for(model: nn.Module) -> ArchitectureAdapter:
-    """The adapter serving ``model``, or a BackendError naming the supported model types."""
+    """The adapter registered for ``model``'s ``config.model_type``, or a BackendError naming the supported types."""
+    from importlib.metadata import entry_points
+
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for adapter_cls in ADAPTERS:
-        if model_type in adapter_cls.model_types:
-            return adapter_cls(model)
-    supported = sorted(t for cls in ADAPTERS for t in cls.model_types)
-    raise BackendError(
-        f"the huggingface backend does not support model_type {model_type!r}; supported: {', '.join(supported)} "
-        "(the transformer_lens backend may serve it)"
-    )
+    registered = {ep.name: ep for ep in entry_points(group=ARCHITECTURE_GROUP)}
+    if model_type not in registered:
+        raise BackendError(
+            f"the huggingface backend does not support model_type {model_type!r}; supported: {', '.join(sorted(registered))} "
+            f"(adapters register under the entry-point group {ARCHITECTURE_GROUP!r}; the transformer_lens backend may serve it)"
+        )
+    try:
+        adapter_cls = registered[model_type].load()
+    except Exception as err:
+        raise BackendError(f"architecture adapter {model_type!r} ({registered[model_type].value}) failed to import: {err}") from err
+    if not (isinstance(adapter_cls, type) and issubclass(adapter_cls, ArchitectureAdapter)):
+        raise BackendError(f"architecture adapter {model_type!r} is {adapter_cls!r}, not an ArchitectureAdapter subclass")
+    return adapter_cls(model)
 
 
 # ----------------------------------------------------------------- attention-function wrapper

@@ -91,6 +91,45 @@ def test_installed_plugin_runs_through_the_cli(plugin_site, hf_dir, tmp_path):
     assert_plugin_matches_builtin(result)
 
 
+FAKE_ARCHITECTURE = """
+import json, warnings
+warnings.simplefilter("ignore")
+import torch, transformers
+import atpframework as af
+from atpframework.backends.huggingface import HuggingFaceBackend
+from atpframework.errors import BackendError
+
+torch.manual_seed(0)
+config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=61)
+model = transformers.LlamaForCausalLM(config).eval()
+plan = {"model": {"source": "in_memory", "backend": "huggingface"}, "prompts": PROMPTS,
+        "nodes": [{"kind": "attn_q"}], "method": {"name": "atp_star"}}
+as_llama = af.run(plan, backend=HuggingFaceBackend.from_model(model))["attn_q"].per_pair
+model.config.model_type = "fake_llama"
+try:
+    fake = HuggingFaceBackend.from_model(model)
+except BackendError as err:
+    print(json.dumps({"error": str(err)}))
+else:
+    same = torch.equal(af.run(plan, backend=fake)["attn_q"].per_pair, as_llama)
+    print(json.dumps({"adapter": type(fake.adapter).__name__, "same": same, "nonzero": bool(as_llama.abs().max() > 0)}))
+"""
+
+
+def test_a_third_party_architecture_adapter_registers_through_an_entry_point(plugin_site):
+    """``atpf-example-plugin`` registers an adapter for model_type ``fake_llama``; without it the backend refuses."""
+    code = f"PROMPTS = {PROMPTS!r}\n" + FAKE_ARCHITECTURE
+    runs = {}
+    for label, env in (("installed", subprocess_env(PYTHONPATH=str(plugin_site))), ("absent", subprocess_env())):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        runs[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert runs["installed"] == {"adapter": "FakeLlamaAdapter", "same": True, "nonzero": True}
+    assert "does not support model_type 'fake_llama'" in runs["absent"]["error"]
+    assert "atpframework.hf_architectures" in runs["absent"]["error"]
+
+
 def test_discovery_lists_without_importing(plugin_site):
     """Listing reads entry points only; the installed plugin appears once its directory is on the path,
     and the JSON Schema picks it up. No model library (or plugin module) is imported along the way."""
