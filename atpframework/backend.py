@@ -21,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from .errors import PlanError
 from .sites import Site
 
 SiteHook = Callable[[Tensor], Tensor | None]
@@ -105,3 +106,38 @@ class AbstractBackend(ABC):
     @property
     def device(self) -> torch.device:
         return torch.device(self.info.device)
+
+
+# ----------------------------------------------------------------- helpers for backend authors
+def resolve_options(backend: str, options: Mapping[str, Any], choices: Mapping[str, Sequence[str]]) -> dict[str, str]:
+    """Validate ``model.options`` against ``choices`` (option -> allowed values, the first the default)."""
+    unknown = set(options) - set(choices)
+    if unknown:
+        raise PlanError(f"model.options: unknown option(s) {sorted(unknown)} for the {backend} backend; allowed: {sorted(choices)}")
+    resolved = {}
+    for name, allowed in choices.items():
+        value = options.get(name, allowed[0])
+        if value not in allowed:
+            raise PlanError(f"model.options.{name}: allowed: {', '.join(allowed)} (got {value!r})")
+        resolved[name] = value
+    return resolved
+
+
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether a Hugging Face tokenizer puts its BOS token in front by itself."""
+    if tokenizer is None or tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def tokenize_text(tokenizer: Any, text: str, prepend_bos: bool) -> list[int]:
+    """Token ids of ``text`` with a Hugging Face tokenizer, BOS prepended on request (never twice)."""
+    if tokenizer is None:
+        raise PlanError("prompts: this model has no tokenizer; give prompts as token ids")
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if prepend_bos:
+        if tokenizer.bos_token_id is None:
+            raise PlanError("prepend_bos: the tokenizer has no BOS token")
+        ids = [tokenizer.bos_token_id] + ids
+    return ids

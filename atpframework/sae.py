@@ -164,11 +164,13 @@ def _place(spec: Any, sae: Any, source: str, backend: AbstractBackend, where: st
         top = info.n_layers if s.name == "resid" else info.n_layers - 1
         if not 0 <= s.layer <= top:
             raise PlanError(f"{where}.{field}: layer {s.layer} out of range for this model (0..{top})")
-    width = {"attn_z": info.n_heads * info.d_head, "mlp_post": info.d_mlp}.get(input_site.name, info.d_model)
-    if cfg.d_in != width:
-        raise PlanError(f"{where}: the SAE's d_in is {cfg.d_in} but site {input_site} of this model has width {width}")
+    def width(s: Site) -> int | None:
+        return {"attn_z": info.n_heads * info.d_head, "mlp_post": info.d_mlp}.get(s.name, info.d_model)
+
+    if cfg.d_in != width(input_site):
+        raise PlanError(f"{where}: the SAE's d_in is {cfg.d_in} but site {input_site} of this model has width {width(input_site)}")
     if transcoder:
-        out_width = {"attn_z": info.n_heads * info.d_head, "mlp_post": info.d_mlp}.get(site.name, info.d_model)
+        out_width = width(site)
         if cfg.d_out != out_width:
             raise PlanError(f"{where}: the transcoder's d_out is {cfg.d_out} but site {site} has width {out_width}")
         if site.layer < input_site.layer:

@@ -37,13 +37,14 @@ import torch
 from einops import einsum
 from torch import Tensor, nn
 
-from atpframework.backend import AbstractBackend, ModelInfo, SiteHook
+from atpframework.backend import AbstractBackend, ModelInfo, SiteHook, resolve_options, tokenize_text, tokenizer_adds_bos
 from atpframework.bundled import BUNDLED_PREFIX, bundled_model_dir
 from atpframework.errors import BackendError, PlanError
 from atpframework.sites import Site
 
-_OPTIONS = {"attn_implementation"}
 _ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+_OPTIONS = {"attn_implementation": _ATTN_IMPLEMENTATIONS}
+"""Option -> allowed values, the first the default."""
 _HOOKED_PREFIX = "atpf_sites|"
 _ATTENTION_SITES = frozenset({"attn_q", "attn_k", "attn_v", "attn_z"})
 
@@ -281,7 +282,7 @@ class HuggingFaceBackend(AbstractBackend):
             raise BackendError(f"{type(model).__name__} has no language-model head; load it with AutoModelForCausalLM")
         self.model = model
         self.tokenizer = tokenizer
-        self.default_prepend_bos = _tokenizer_adds_bos(tokenizer) if prepend_bos is None else prepend_bos
+        self.default_prepend_bos = tokenizer_adds_bos(tokenizer) if prepend_bos is None else prepend_bos
         config = model.config
         param = next(model.parameters())
         attention = self.adapter.attention(0)
@@ -309,12 +310,7 @@ class HuggingFaceBackend(AbstractBackend):
 
     @classmethod
     def load(cls, source: str, *, dtype: str, device: str, options: Mapping[str, Any]) -> "HuggingFaceBackend":
-        unknown = set(options) - _OPTIONS
-        if unknown:
-            raise PlanError(f"model.options: unknown option(s) {sorted(unknown)} for the huggingface backend; allowed: {sorted(_OPTIONS)}")
-        implementation = options.get("attn_implementation", "eager")
-        if implementation not in _ATTN_IMPLEMENTATIONS:
-            raise PlanError(f"model.options.attn_implementation: allowed: {', '.join(_ATTN_IMPLEMENTATIONS)} (got {implementation!r})")
+        implementation = resolve_options(cls.name, options, _OPTIONS)["attn_implementation"]
         if source == "in_memory":
             raise PlanError("model.source: 'in_memory' needs the model object, passed through the Python API (run(plan, model=...))")
         torch_dtype = getattr(torch, dtype)
@@ -348,16 +344,7 @@ class HuggingFaceBackend(AbstractBackend):
 
     # ----------------------------------------------------------------- running
     def tokenize(self, text: str, prepend_bos: bool | None) -> list[int]:
-        if self.tokenizer is None:
-            raise PlanError("prompts: this model has no tokenizer; give prompts as token ids")
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if prepend_bos is None:
-            prepend_bos = self.default_prepend_bos
-        if prepend_bos:
-            if self.tokenizer.bos_token_id is None:
-                raise PlanError("prepend_bos: the tokenizer has no BOS token")
-            ids = [self.tokenizer.bos_token_id] + ids
-        return ids
+        return tokenize_text(self.tokenizer, text, self.default_prepend_bos if prepend_bos is None else prepend_bos)
 
     def forward(self, tokens: Tensor, hooks: Mapping[Site, Sequence[SiteHook]]) -> Tensor:
         by_site = {site: list(fns) for site, fns in hooks.items() if fns}
@@ -521,10 +508,3 @@ def _attention_output_hook(
         return (written, *output[1:])
 
     return hook
-
-
-def _tokenizer_adds_bos(tokenizer: Any) -> bool:
-    if tokenizer is None or tokenizer.bos_token_id is None:
-        return False
-    ids = tokenizer("a")["input_ids"]
-    return bool(ids) and ids[0] == tokenizer.bos_token_id

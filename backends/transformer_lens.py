@@ -20,13 +20,13 @@ import torch
 from einops import einsum, rearrange
 from torch import Tensor
 
-from atpframework.backend import AbstractBackend, ModelInfo, SiteHook
+from atpframework.backend import AbstractBackend, ModelInfo, SiteHook, resolve_options, tokenize_text, tokenizer_adds_bos
 from atpframework.bundled import BUNDLED_PREFIX, bundled_model_dir
 from atpframework.errors import BackendError, PlanError
 from atpframework.sites import SITE_NAMES, Site
 
-_MODEL_CLASSES = ("hooked_transformer", "bridge")
-_OPTIONS = {"model_class"}
+_OPTIONS = {"model_class": ("hooked_transformer", "bridge")}
+"""Option -> allowed values, the first the default."""
 _HEAD_SITES = {"attn_z", "attn_q", "attn_k", "attn_v"}
 _BRIDGE_QK_FIX_ATTENTION = {"GPT2Attention", "LlamaAttention"}
 """Hugging Face attention classes whose pattern the bridge path recomputes (tested against the bridge's own)."""
@@ -85,12 +85,7 @@ class TransformerLensBackend(AbstractBackend):
 
     @classmethod
     def load(cls, source: str, *, dtype: str, device: str, options: Mapping[str, Any]) -> "TransformerLensBackend":
-        unknown = set(options) - _OPTIONS
-        if unknown:
-            raise PlanError(f"model.options: unknown option(s) {sorted(unknown)} for the transformer_lens backend; allowed: {sorted(_OPTIONS)}")
-        model_class = options.get("model_class", "hooked_transformer")
-        if model_class not in _MODEL_CLASSES:
-            raise PlanError(f"model.options.model_class: allowed: {', '.join(_MODEL_CLASSES)} (got {model_class!r})")
+        model_class = resolve_options(cls.name, options, _OPTIONS)["model_class"]
         if source == "in_memory":
             raise PlanError("model.source: 'in_memory' needs the model object, passed through the Python API (run(plan, model=...))")
         torch_dtype = getattr(torch, dtype)
@@ -137,7 +132,7 @@ class TransformerLensBackend(AbstractBackend):
         except Exception as err:
             raise BackendError(f"model.source: cannot load a Hugging Face model from {str(path)!r}: {err}") from err
         if prepend_bos is None:
-            prepend_bos = _tokenizer_adds_bos(tokenizer)
+            prepend_bos = tokenizer_adds_bos(tokenizer)
         if model_class == "bridge":
             from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
 
@@ -150,16 +145,9 @@ class TransformerLensBackend(AbstractBackend):
 
     # ----------------------------------------------------------------- running
     def tokenize(self, text: str, prepend_bos: bool | None) -> list[int]:
-        if self.tokenizer is None:
-            raise PlanError("prompts: this model has no tokenizer; give prompts as token ids")
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if prepend_bos is None:
             prepend_bos = bool(getattr(self.model.cfg, "default_prepend_bos", False))
-        if prepend_bos:
-            if self.tokenizer.bos_token_id is None:
-                raise PlanError("prepend_bos: the tokenizer has no BOS token")
-            ids = [self.tokenizer.bos_token_id] + ids
-        return ids
+        return tokenize_text(self.tokenizer, text, prepend_bos)
 
     def hook_name(self, site: Site) -> str:
         """The TransformerLens hook point serving ``site``."""
@@ -279,13 +267,6 @@ class TransformerLensBackend(AbstractBackend):
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
         return logits
-
-
-def _tokenizer_adds_bos(tokenizer: Any) -> bool:
-    if tokenizer is None or tokenizer.bos_token_id is None:
-        return False
-    ids = tokenizer("a")["input_ids"]
-    return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
 def _config_for_transformer_lens(config_path: Path) -> dict[str, Any]:
