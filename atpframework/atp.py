@@ -177,7 +177,7 @@ class FirstOrder(AbstractMethod):
                     effect = b.node.elementwise_effect(deltas[site], grad)
                 else:
                     effect = attention.effect(b, mode, site.layer, grad)
-                scores.add(b, site, term, b.reduce(effect).float())  # type: ignore[arg-type]
+                scores.add(b, site, term, b.reduce(effect).float().to(scores.device))  # type: ignore[arg-type]
 
         def gradient_hook(site: Site) -> SiteHook:
             def hook(act: Tensor) -> Tensor | None:
@@ -234,7 +234,7 @@ class FirstOrder(AbstractMethod):
                     raise BackendError(f"GradDrop: no gradient arrived at {term.cotangent}, needed to restart below {term.label}")
                 state["term"], state["fired"] = t, set()
                 roots = [tensors[s] for s in term.roots if tensors[s].requires_grad]  # frozen weights: some roots are constants
-                grads = [plain_grads[term.cotangent]] * len(roots)
+                grads = [plain_grads[term.cotangent].to(root.device) for root in roots]  # multi-device: a layer's own device
                 last = n == len(layout.active) - 1
                 torch.autograd.grad(roots, floor, grads, retain_graph=not last, allow_unused=True)
                 expected = {s for s in layout.contributors if term.relation(s) == "reached"}
@@ -265,6 +265,7 @@ class _Scores:
         self, bound: tuple[BoundNodes, ...], n_batch: int, device: torch.device, layout: _Layout, keep_terms: bool
     ) -> None:
         self.layout = layout
+        self.device = device
         self.terms = layout.terms
         self.totals = {b.name: torch.zeros((n_batch,) + b.shape, device=device) for b in bound}
         # a node spanning several layers sums several sites per term before the magnitude is taken

@@ -56,8 +56,8 @@ class AbstractBackend(ABC):
 
     name: ClassVar[str]
     """Entry-point name, used as ``model.backend`` in plans."""
-    supported_sites: ClassVar[frozenset[str]]
-    """Site names this backend can hook."""
+    supported_sites: frozenset[str]
+    """Site names this backend can hook on this model (set per instance: parallel blocks have no ``resid_mid``)."""
 
     info: ModelInfo
 

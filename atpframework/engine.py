@@ -144,7 +144,10 @@ def compile_plan(plan: AttributionPlan, backend: AbstractBackend) -> CompiledPla
     for i, b in enumerate(first):
         name = b.site_name or b.node.site
         if not b.view and name not in backend.supported_sites:
-            raise PlanError(f"nodes[{i}]: node kind {b.node.kind!r} reads site {name!r}, which the {backend.name} backend does not serve")
+            why = " (its blocks run attention and MLP in parallel: no residual stream between them)" if info.parallel_blocks else ""
+            raise PlanError(
+                f"nodes[{i}]: node kind {b.node.kind!r} reads site {name!r}, which the {backend.name} backend does not serve on this model{why}"
+            )
     for length in lengths[1:]:
         for i, (a, b) in enumerate(zip(first, bound_by_len[length])):
             if a.shape != b.shape:

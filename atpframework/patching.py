@@ -69,7 +69,7 @@ class ActivationPatching(AbstractMethod):
             out = act.clone()
             blocks = out.view((n_blocks, noise.shape[0]) + tuple(act.shape[1:]))
             for row_block, mask in entries:
-                m = mask.reshape(mask.shape + (1,) * (noise.dim() - 1 - mask.dim()))
+                m = mask.reshape(mask.shape + (1,) * (noise.dim() - 1 - mask.dim())).to(act.device)
                 blocks[row_block] = torch.where(m, noise, blocks[row_block])
             return out
 

@@ -245,14 +245,14 @@ def _splice(sae: AttachedSae, latent_fns: list[SiteHook], error_fns: list[SiteHo
         heads = act.dim() == 4  # attn_z: batch pos head d_head, SAEs read the heads concatenated
         y = rearrange(act, "batch pos head d_head -> batch pos (head d_head)") if heads else act
         x = inputs.get("x", y)
-        dtype = next(module.parameters()).dtype
-        codes = module.encode(x.to(dtype))  # batch pos latent
+        param = next(module.parameters())  # its dtype and device; a multi-device model's site may sit elsewhere
+        codes = module.encode(x.to(param))  # batch pos latent
         latents = apply(latent_fns, codes.clone())  # a node of its own: its gradient is W_dec . dMetric/dout
-        error = y.to(dtype) - module.decode(codes)
+        error = y.to(param) - module.decode(codes)
         if sae.error_gradient == "detached":
             error = error.detach()
         error = apply(error_fns, error)
-        out = (module.decode(latents) + error).to(act.dtype)
+        out = (module.decode(latents) + error).to(act)
         return rearrange(out, "batch pos (head d_head) -> batch pos head d_head", head=act.shape[2]) if heads else out
 
     return hook

@@ -1,19 +1,20 @@
 """The raw Hugging Face backend: ``transformers`` causal language models without TransformerLens.
 
-This module owns the mapping from sites to plain PyTorch hooks on Hugging Face modules, for GPT-2 and
-Llama-style models (Llama, Mistral, Qwen2: RMSNorm, rotary embeddings, grouped-query attention,
-gated MLP). Per-architecture knowledge (module paths, which norm precedes the MLP, the down
-projection) lives in small adapter classes selected by ``config.model_type``.
+This module owns the mapping from sites to plain PyTorch hooks on Hugging Face modules. Per-architecture
+knowledge (module paths, which norm feeds the MLP, which modules write to the residual stream, head
+size, scale, soft-capping, windows, parallel blocks) lives in small ``ArchitectureAdapter`` classes
+registered by ``config.model_type`` under the ``atpframework.hf_architectures`` entry points: GPT-2,
+Llama/Mistral/Qwen2, GPT-NeoX (Pythia) and Gemma-2 are built in.
 
 How sites are served:
     * ``resid`` (boundary ``l < n_layers``): forward pre-hook on decoder layer ``l``'s hidden-states
       input; boundary ``n_layers``: pre-hook on the final norm.
-    * ``mlp_post``: pre-hook on the MLP down projection; ``mlp_in``: forward hook on the
-      post-attention norm; ``mlp_out``: forward hook on the MLP; ``attn_out``: forward hook on the
-      attention module (its first output).
-    * ``resid_mid``: the block adds the attention output to its input itself, so the attention
-      forward hook hands the hook ``block_input + attn_out`` and returns ``resid_mid - block_input``
-      as the attention output. The block's ``resid_mid`` then equals the hook's tensor up to one
+    * ``mlp_post``: pre-hook on the MLP down projection; ``mlp_in``: forward hook on the norm feeding
+      the MLP; ``attn_out`` / ``mlp_out``: forward hooks on the modules whose outputs the block adds
+      to the residual stream (the attention module and the MLP, or Gemma-2's post-norms).
+    * ``resid_mid`` (sequential blocks only): the block adds the attention write to its input itself,
+      so the attention-write hook hands the hook ``block_input + attn_out`` and returns
+      ``resid_mid - block_input``. The block's ``resid_mid`` then equals the hook's tensor up to one
       float rounding (exact gradients; values within an ulp of the residual stream).
     * ``attn_q``/``attn_k``/``attn_v``/``attn_z``: post-rotary queries and keys only exist inside the
       attention module, where it calls the attention function named by ``config._attn_implementation``
@@ -21,6 +22,9 @@ How sites are served:
       under ``atpf_sites|<original>``, which runs the site hooks (layout ``batch pos head d_head``,
       keys and values with ``n_kv_heads`` heads), calls the original function (eager or sdpa), and
       runs the ``attn_z`` hooks on its output. The original names are restored in ``finally``.
+
+Multi-device models (accelerate ``device_map``) need nothing special here: each hook runs on the
+device of its module, and input ids go to the input embedding's execution device.
 
 Every hook is registered inside ``forward`` and removed in ``finally``; the user's model is not
 otherwise modified. The only global change is the one-time registration of the wrapper names in
@@ -40,10 +44,11 @@ from torch import Tensor, nn
 from atpframework.backend import AbstractBackend, ModelInfo, SiteHook, resolve_options, tokenize_text, tokenizer_adds_bos
 from atpframework.bundled import BUNDLED_PREFIX, bundled_model_dir
 from atpframework.errors import BackendError, PlanError
-from atpframework.sites import Site
+from atpframework.sites import SITE_NAMES, Site
 
 _ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
-_OPTIONS = {"attn_implementation": _ATTN_IMPLEMENTATIONS}
+_DEVICE_MAPS = ("none", "auto", "balanced", "balanced_low_0", "sequential")
+_OPTIONS = {"attn_implementation": _ATTN_IMPLEMENTATIONS, "device_map": _DEVICE_MAPS}
 """Option -> allowed values, the first the default."""
 _HOOKED_PREFIX = "atpf_sites|"
 _ATTENTION_SITES = frozenset({"attn_q", "attn_k", "attn_v", "attn_z"})
@@ -51,7 +56,13 @@ _ATTENTION_SITES = frozenset({"attn_q", "attn_k", "attn_v", "attn_z"})
 
 # ----------------------------------------------------------------- architecture adapters
 class ArchitectureAdapter:
-    """Where one architecture family keeps the modules the sites hook."""
+    """Where one architecture family keeps the modules the sites hook, and how its attention scores keys.
+
+    A subclass names the decoder layers, the final norm, and per layer the attention module, the
+    norm whose output feeds the MLP, the MLP's down projection, and the two modules whose outputs
+    are *written* to the residual stream (the attention module, or a norm after it as in Gemma-2;
+    the MLP, or a norm after it). Everything else has defaults read from the config.
+    """
 
     positional_embedding: ClassVar[str]
     normalization: ClassVar[str]
@@ -60,6 +71,7 @@ class ArchitectureAdapter:
         self.model = model
         self.config = model.config
 
+    # modules
     def layers(self) -> Sequence[nn.Module]:
         raise NotImplementedError
 
@@ -69,27 +81,49 @@ class ArchitectureAdapter:
     def attention(self, layer: int) -> nn.Module:
         raise NotImplementedError
 
-    def post_attention_norm(self, layer: int) -> nn.Module:
-        raise NotImplementedError
-
-    def mlp(self, layer: int) -> nn.Module:
+    def mlp_input_norm(self, layer: int) -> nn.Module:
+        """The norm whose output is the MLP's input (site ``mlp_in``)."""
         raise NotImplementedError
 
     def down_projection(self, layer: int) -> nn.Module:
+        """The MLP's output projection; its input is site ``mlp_post``."""
         raise NotImplementedError
 
-    def d_mlp(self) -> int:
+    def attention_write(self, layer: int) -> nn.Module:
+        """The module whose output (first element when a tuple) the block adds to the residual stream: ``attn_out``."""
+        return self.attention(layer)
+
+    def mlp_write(self, layer: int) -> nn.Module:
+        """The module whose output the block adds to the residual stream: ``mlp_out``."""
         raise NotImplementedError
+
+    # shapes and attention
+    def d_mlp(self) -> int:
+        return int(self.config.intermediate_size)
+
+    def d_head(self) -> int:
+        return int(self.attention(0).head_dim)
 
     def n_kv_heads(self) -> int:
         return int(getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads)
+
+    def parallel_blocks(self) -> bool:
+        """Attention and MLP both read the block input and write in parallel (no ``resid_mid``)."""
+        return False
+
+    def attention_scaling(self, layer: int) -> float:
+        return float(self.attention(layer).scaling)
+
+    def softcap(self, layer: int) -> float | None:
+        """Attention-logit soft-capping ``c·tanh(logit/c)``, or None."""
+        return getattr(self.config, "attn_logit_softcapping", None)
 
     def sliding_window(self, layer: int) -> int | None:
         """Keys visible to a query: ``key > query - window``; None: the full causal prefix."""
         return None
 
-    def unsupported(self) -> str | None:
-        """Why the backend cannot serve this model faithfully, or None."""
+    def unsupported(self, implementation: str) -> str | None:
+        """Why the backend cannot serve this model faithfully under ``implementation``, or None."""
         return None
 
 
@@ -108,19 +142,19 @@ class GPT2Adapter(ArchitectureAdapter):
     def attention(self, layer: int) -> nn.Module:
         return self.layers()[layer].attn
 
-    def post_attention_norm(self, layer: int) -> nn.Module:
+    def mlp_input_norm(self, layer: int) -> nn.Module:
         return self.layers()[layer].ln_2
-
-    def mlp(self, layer: int) -> nn.Module:
-        return self.layers()[layer].mlp
 
     def down_projection(self, layer: int) -> nn.Module:
         return self.layers()[layer].mlp.c_proj
 
+    def mlp_write(self, layer: int) -> nn.Module:
+        return self.layers()[layer].mlp
+
     def d_mlp(self) -> int:
         return int(self.config.n_inner if self.config.n_inner is not None else 4 * self.config.hidden_size)
 
-    def unsupported(self) -> str | None:
+    def unsupported(self, implementation: str) -> str | None:
         if getattr(self.config, "reorder_and_upcast_attn", False):
             return "GPT-2 with reorder_and_upcast_attn (its eager path bypasses the attention interface)"
         if getattr(self.config, "add_cross_attention", False):
@@ -143,23 +177,64 @@ class LlamaAdapter(ArchitectureAdapter):
     def attention(self, layer: int) -> nn.Module:
         return self.layers()[layer].self_attn
 
-    def post_attention_norm(self, layer: int) -> nn.Module:
+    def mlp_input_norm(self, layer: int) -> nn.Module:
         return self.layers()[layer].post_attention_layernorm
-
-    def mlp(self, layer: int) -> nn.Module:
-        return self.layers()[layer].mlp
 
     def down_projection(self, layer: int) -> nn.Module:
         return self.layers()[layer].mlp.down_proj
 
-    def d_mlp(self) -> int:
-        return int(self.config.intermediate_size)
+    def mlp_write(self, layer: int) -> nn.Module:
+        return self.layers()[layer].mlp
 
     def sliding_window(self, layer: int) -> int | None:
         attention = self.attention(layer)
-        if hasattr(attention, "sliding_window"):  # Qwen2: per layer
+        if hasattr(attention, "sliding_window"):  # Qwen2, Gemma-2: per layer
             return attention.sliding_window
         return getattr(self.config, "sliding_window", None)  # Mistral: every layer; Llama: none
+
+
+class GPTNeoXAdapter(ArchitectureAdapter):
+    """GPT-NeoX (Pythia): LayerNorm, partial rotary embeddings, fused QKV, parallel or sequential blocks."""
+
+    positional_embedding = "rotary"
+    normalization = "LN"
+
+    def layers(self) -> Sequence[nn.Module]:
+        return self.model.gpt_neox.layers
+
+    def final_norm(self) -> nn.Module:
+        return self.model.gpt_neox.final_layer_norm
+
+    def attention(self, layer: int) -> nn.Module:
+        return self.layers()[layer].attention
+
+    def mlp_input_norm(self, layer: int) -> nn.Module:
+        return self.layers()[layer].post_attention_layernorm
+
+    def down_projection(self, layer: int) -> nn.Module:
+        return self.layers()[layer].mlp.dense_4h_to_h
+
+    def mlp_write(self, layer: int) -> nn.Module:
+        return self.layers()[layer].mlp
+
+    def d_head(self) -> int:
+        return int(self.attention(0).head_size)
+
+    def parallel_blocks(self) -> bool:
+        return bool(self.config.use_parallel_residual)
+
+
+class Gemma2Adapter(LlamaAdapter):
+    """Gemma-2: RMSNorm before *and after* each sublayer, attention soft-capping, alternating sliding windows."""
+
+    def mlp_input_norm(self, layer: int) -> nn.Module:
+        return self.layers()[layer].pre_feedforward_layernorm
+
+    def attention_write(self, layer: int) -> nn.Module:
+        return self.layers()[layer].post_attention_layernorm
+
+    def mlp_write(self, layer: int) -> nn.Module:
+        return self.layers()[layer].post_feedforward_layernorm
 
 
 ARCHITECTURE_GROUP = "atpframework.hf_architectures"
@@ -260,12 +335,9 @@ def _hooked_attention_name(implementation: str) -> str:
 
 # ----------------------------------------------------------------- the backend
 class HuggingFaceBackend(AbstractBackend):
-    """Runs plans on Hugging Face ``transformers`` causal language models (GPT-2, Llama family)."""
+    """Runs plans on Hugging Face ``transformers`` causal language models (the registered architectures)."""
 
     name = "huggingface"
-    supported_sites = frozenset(
-        {"resid", "attn_z", "attn_q", "attn_k", "attn_v", "mlp_post", "resid_mid", "attn_out", "mlp_out", "mlp_in"}
-    )
 
     def __init__(self, model: Any, tokenizer: Any = None, source: str = "in_memory", prepend_bos: bool | None = None) -> None:
         from transformers import PreTrainedModel
@@ -275,7 +347,7 @@ class HuggingFaceBackend(AbstractBackend):
         if model.training:
             raise BackendError("the model is in training mode (dropout would make patching noisy); call model.eval() first")
         self.adapter = adapter_for(model)
-        reason = self.adapter.unsupported()
+        reason = self.adapter.unsupported(model.config._attn_implementation)
         if reason:
             raise BackendError(f"the huggingface backend does not support {reason}")
         if model.get_output_embeddings() is None:
@@ -285,7 +357,8 @@ class HuggingFaceBackend(AbstractBackend):
         self.default_prepend_bos = tokenizer_adds_bos(tokenizer) if prepend_bos is None else prepend_bos
         config = model.config
         param = next(model.parameters())
-        attention = self.adapter.attention(0)
+        parallel = self.adapter.parallel_blocks()
+        self.supported_sites = frozenset(SITE_NAMES) - ({"resid_mid"} if parallel else set())
         self.info = ModelInfo(
             source=source,
             architecture=str((getattr(config, "architectures", None) or [type(model).__name__])[0]),
@@ -293,14 +366,14 @@ class HuggingFaceBackend(AbstractBackend):
             d_model=int(config.hidden_size),
             n_heads=int(config.num_attention_heads),
             n_kv_heads=self.adapter.n_kv_heads(),
-            d_head=int(attention.head_dim),
+            d_head=self.adapter.d_head(),
             d_mlp=self.adapter.d_mlp(),
             d_vocab=int(model.get_output_embeddings().weight.shape[0]),
             dtype=str(param.dtype).removeprefix("torch."),
-            device=str(param.device),
+            device=str(_input_device(model)),
             positional_embedding=self.adapter.positional_embedding,
             normalization=self.adapter.normalization,
-            parallel_blocks=False,
+            parallel_blocks=parallel,
         )
 
     # ----------------------------------------------------------------- loading
@@ -310,20 +383,28 @@ class HuggingFaceBackend(AbstractBackend):
 
     @classmethod
     def load(cls, source: str, *, dtype: str, device: str, options: Mapping[str, Any]) -> "HuggingFaceBackend":
-        implementation = resolve_options(cls.name, options, _OPTIONS)["attn_implementation"]
+        resolved = resolve_options(cls.name, options, _OPTIONS)
+        implementation, device_map = resolved["attn_implementation"], resolved["device_map"]
         if source == "in_memory":
             raise PlanError("model.source: 'in_memory' needs the model object, passed through the Python API (run(plan, model=...))")
         torch_dtype = getattr(torch, dtype)
+        placement = device if device_map == "none" else {"device_map": device_map}
         if source.startswith(BUNDLED_PREFIX):
-            return cls._from_pretrained(bundled_model_dir(source), source, torch_dtype, device, implementation, prepend_bos=False)
-        if Path(source).is_dir():
-            return cls._from_pretrained(Path(source), source, torch_dtype, device, implementation, prepend_bos=None)
-        return cls._from_pretrained(source, source, torch_dtype, device, implementation, prepend_bos=None)
+            return cls._from_pretrained(bundled_model_dir(source), source, torch_dtype, placement, implementation, prepend_bos=False)
+        location = Path(source) if Path(source).is_dir() else source
+        return cls._from_pretrained(location, source, torch_dtype, placement, implementation, prepend_bos=None)
 
     @classmethod
     def _from_pretrained(
-        cls, location: Path | str, source: str, dtype: torch.dtype, device: str, implementation: str, prepend_bos: bool | None
+        cls,
+        location: Path | str,
+        source: str,
+        dtype: torch.dtype,
+        placement: str | dict[str, str],
+        implementation: str,
+        prepend_bos: bool | None,
     ) -> "HuggingFaceBackend":
+        """``placement``: a device, or ``{"device_map": strategy}`` for accelerate to spread the model."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         is_local = isinstance(location, Path)
@@ -332,7 +413,8 @@ class HuggingFaceBackend(AbstractBackend):
         except Exception:  # a weights-only directory: token-id prompts still work
             tokenizer = None
         try:
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation=implementation)
+            dispatch = placement if isinstance(placement, dict) else {}
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation=implementation, **dispatch)
         except Exception as err:
             if is_local:
                 raise BackendError(f"model.source: cannot load a Hugging Face model from {str(location)!r}: {err}") from err
@@ -340,7 +422,9 @@ class HuggingFaceBackend(AbstractBackend):
                 f"model.source: could not load {source!r} from the model hub ({type(err).__name__}: {err}). "
                 "It is neither a local directory nor a bundled model (bundled: smollm2-135m-instruct)."
             ) from err
-        return cls(model.to(device).eval(), tokenizer=tokenizer, source=source, prepend_bos=prepend_bos)
+        if isinstance(placement, str):
+            model = model.to(placement)
+        return cls(model.eval(), tokenizer=tokenizer, source=source, prepend_bos=prepend_bos)
 
     # ----------------------------------------------------------------- running
     def tokenize(self, text: str, prepend_bos: bool | None) -> list[int]:
@@ -400,14 +484,14 @@ class HuggingFaceBackend(AbstractBackend):
             attn_out = fns("attn_out", layer)
             if attn_out or resid_mid:
                 handles.append(
-                    adapter.attention(layer).register_forward_hook(_attention_output_hook(attn_out, resid_mid, block_inputs))
+                    adapter.attention_write(layer).register_forward_hook(_residual_write_hook(attn_out, resid_mid, block_inputs))
                 )
             if fns("mlp_in", layer):
-                handles.append(adapter.post_attention_norm(layer).register_forward_hook(_replace_output(fns("mlp_in", layer))))
+                handles.append(adapter.mlp_input_norm(layer).register_forward_hook(_residual_write_hook(fns("mlp_in", layer))))
             if fns("mlp_post", layer):
                 handles.append(adapter.down_projection(layer).register_forward_pre_hook(_replace_first_input(fns("mlp_post", layer))))
             if fns("mlp_out", layer):
-                handles.append(adapter.mlp(layer).register_forward_hook(_replace_output(fns("mlp_out", layer))))
+                handles.append(adapter.mlp_write(layer).register_forward_hook(_residual_write_hook(fns("mlp_out", layer))))
 
     def _attention_site_hooks(self, by_site: Mapping[Site, list[SiteHook]]) -> dict[nn.Module, _AttentionSiteHooks]:
         result: dict[nn.Module, _AttentionSiteHooks] = {}
@@ -444,11 +528,11 @@ class HuggingFaceBackend(AbstractBackend):
         return None  # unsupported configurations are refused when the backend is built
 
     def attention_logits(self, layer: int, q: Tensor, k: Tensor) -> Tensor:
-        attention = self.adapter.attention(layer)
         group = q.shape[2] // k.shape[2]
         keys = torch.repeat_interleave(k, group, dim=2)  # as transformers' repeat_kv
-        logits = einsum(q, keys, "batch query head d_head, batch key head d_head -> batch head query key") * attention.scaling
-        softcap = getattr(self.model.config, "attn_logit_softcapping", None)
+        logits = einsum(q, keys, "batch query head d_head, batch key head d_head -> batch head query key")
+        logits = logits * self.adapter.attention_scaling(layer)
+        softcap = self.adapter.softcap(layer)
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
         n_query, n_key = q.shape[1], k.shape[1]
@@ -465,13 +549,6 @@ class HuggingFaceBackend(AbstractBackend):
 def _replace_first_input(fns: list[SiteHook]) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
     def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         return (_apply_site_hooks(args[0], fns), *args[1:])
-
-    return hook
-
-
-def _replace_output(fns: list[SiteHook]) -> Callable[[nn.Module, Any, Tensor], Tensor]:
-    def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor:
-        return _apply_site_hooks(output, fns)
 
     return hook
 
@@ -494,17 +571,30 @@ def _block_input_hook(
     return hook
 
 
-def _attention_output_hook(
-    attn_out: list[SiteHook], resid_mid: list[SiteHook], block_inputs: dict[str, Tensor]
-) -> Callable[[nn.Module, Any, tuple[Any, ...]], tuple[Any, ...]]:
-    """Forward hook on an attention module: ``attn_out`` hooks, then ``resid_mid`` hooks on input + output."""
+def _residual_write_hook(
+    fns: list[SiteHook], resid_mid: Sequence[SiteHook] = (), block_inputs: Mapping[str, Tensor] | None = None
+) -> Callable[[nn.Module, Any, Any], Any]:
+    """Forward hook on a module whose output (a tensor, or a tuple led by one) the block uses.
 
-    def hook(module: nn.Module, args: Any, output: tuple[Any, ...]) -> tuple[Any, ...]:
-        written = _apply_site_hooks(output[0], attn_out)
+    ``fns`` run on that output. With ``resid_mid`` hooks (attention writes only), they then run on
+    ``block input + output`` and the module returns ``resid_mid - block input``, which the block adds
+    back to its input.
+    """
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        first = output[0] if isinstance(output, tuple) else output
+        written = _apply_site_hooks(first, fns)
         if resid_mid:
-            block_input = block_inputs["hidden"]
-            mid = _apply_site_hooks(block_input + written, resid_mid)
-            written = mid - block_input  # the block adds block_input back
-        return (written, *output[1:])
+            block_input = block_inputs["hidden"]  # type: ignore[index]
+            written = _apply_site_hooks(block_input + written, resid_mid) - block_input
+        return (written, *output[1:]) if isinstance(output, tuple) else written
 
     return hook
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where input ids go: the input embedding's execution device (accelerate dispatch) or its weight's device."""
+    embedding = model.get_input_embeddings()
+    dispatch = getattr(embedding, "_hf_hook", None)
+    device = getattr(dispatch, "execution_device", None)
+    return torch.device(device) if device is not None else embedding.weight.device

@@ -36,7 +36,6 @@ class TransformerLensBackend(AbstractBackend):
     """Runs plans on TransformerLens models."""
 
     name = "transformer_lens"
-    supported_sites = frozenset(SITE_NAMES)
 
     def __init__(self, model: Any, tokenizer: Any = None, source: str = "in_memory") -> None:
         from transformer_lens import HookedTransformer
@@ -61,6 +60,8 @@ class TransformerLensBackend(AbstractBackend):
         self._heads_first = {"attn_q", "attn_k"} if rotary and self.is_bridge else set()
         ungrouped = bool(getattr(cfg, "ungroup_grouped_query_attention", False))
         param = next(model.parameters())
+        parallel = bool(getattr(cfg, "parallel_attn_mlp", False))
+        self.supported_sites = frozenset(SITE_NAMES) - ({"resid_mid"} if parallel else set())
         self.info = ModelInfo(
             source=source,
             architecture=str(getattr(cfg, "original_architecture", None) or type(model).__name__),
@@ -75,7 +76,7 @@ class TransformerLensBackend(AbstractBackend):
             device=str(param.device),
             positional_embedding=str(getattr(cfg, "positional_embedding_type", "standard")),
             normalization=str(getattr(cfg, "normalization_type", None) or "none"),
-            parallel_blocks=bool(getattr(cfg, "parallel_attn_mlp", False)),
+            parallel_blocks=parallel,
         )
 
     # ----------------------------------------------------------------- loading
@@ -277,6 +278,26 @@ def _config_for_transformer_lens(config_path: Path) -> dict[str, Any]:
     return config
 
 
+def _gemma2_config(hf_config: Any) -> dict[str, Any]:
+    """TransformerLens config fields of a Gemma-2 model, read from its Hugging Face config (as TL's hub table has them)."""
+    layer_types = getattr(hf_config, "layer_types", None) or ["sliding_attention", "full_attention"] * hf_config.num_hidden_layers
+    return dict(
+        model_name="local-model", original_architecture="Gemma2ForCausalLM", init_weights=False,
+        d_model=hf_config.hidden_size, d_head=hf_config.head_dim, n_heads=hf_config.num_attention_heads,
+        n_key_value_heads=hf_config.num_key_value_heads, d_mlp=hf_config.intermediate_size,
+        n_layers=hf_config.num_hidden_layers, n_ctx=hf_config.max_position_embeddings, eps=hf_config.rms_norm_eps,
+        d_vocab=hf_config.vocab_size, act_fn=hf_config.hidden_activation, normalization_type="RMS",
+        rotary_base=float(hf_config.rope_parameters.get("rope_theta", 10000.0)), rotary_dim=hf_config.head_dim,
+        positional_embedding_type="rotary", use_attn_scale=True, attn_scale=float(hf_config.query_pre_attn_scalar) ** 0.5,
+        window_size=hf_config.sliding_window, use_local_attn=True,
+        attn_types=["local" if kind == "sliding_attention" else "global" for kind in layer_types[: hf_config.num_hidden_layers]],
+        attn_scores_soft_cap=hf_config.attn_logit_softcapping or -1.0,
+        output_logits_soft_cap=hf_config.final_logit_softcapping or -1.0,
+        gated_mlp=True, final_rms=True, use_normalization_before_and_after=True,
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)),
+    )
+
+
 def _hooked_transformer_from_hf(
     path: Path, hf_model: Any, tokenizer: Any, dtype: torch.dtype, device: str, prepend_bos: bool
 ) -> Any:
@@ -294,9 +315,16 @@ def _hooked_transformer_from_hf(
                 os.symlink(item, neutral / item.name)
         (neutral / "config.json").write_text(json.dumps(_config_for_transformer_lens(path / "config.json")))
         try:
-            cfg = loading.get_pretrained_model_config(
-                str(neutral), device=device, dtype=dtype, default_prepend_bos=prepend_bos
-            )
+            if hf_model.config.model_type == "gemma2":  # TL 3.9 knows Gemma-2 only by official hub names
+                from transformer_lens import HookedTransformerConfig
+
+                cfg = HookedTransformerConfig(
+                    **_gemma2_config(hf_model.config), device=device, dtype=dtype, default_prepend_bos=prepend_bos
+                )
+            else:
+                cfg = loading.get_pretrained_model_config(
+                    str(neutral), device=device, dtype=dtype, default_prepend_bos=prepend_bos
+                )
             if tokenizer is None:
                 cfg.tokenizer_name = None  # otherwise TransformerLens tries to load one from the path
             model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
