@@ -440,3 +440,18 @@ def test_device_map_option_reaches_from_pretrained(model_dirs, monkeypatch):
     torch.testing.assert_close(a["attn_head"].per_pair, b["attn_head"].per_pair, rtol=1e-5, atol=1e-6)
     with pytest.raises(af.PlanError, match="model.options.device_map: allowed: none, auto, balanced"):
         _load(model_dirs["llama"], device_map="everywhere")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
+def test_plan_dtype_is_honoured(dtype, model_dirs):
+    path = str(model_dirs["llama"])
+    plan = make_plan(NODES[:2], method="atp_star", model={"source": path, "backend": "huggingface", "dtype": dtype})
+    backend = af.load_backend(af.as_plan(plan))
+    assert backend.info.dtype == dtype and {p.dtype for p in backend.model.parameters()} == {getattr(torch, dtype)}
+    ours = af.run(plan, backend=backend)["attn_head"].per_pair.double()
+    reference = af.run(plan, backend=_load(path))["attn_head"].per_pair.double()
+    if dtype == "float64":
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+    else:  # bf16 keeps ~3 significant digits: the ranking signal survives, the values are rounded
+        assert torch.corrcoef(torch.stack([ours.flatten(), reference.flatten()]))[0, 1] > 0.99
+        assert not torch.allclose(ours, reference, rtol=1e-4, atol=1e-5)
