@@ -85,11 +85,12 @@ def run(
     metric_fn = resolve_metric(plan.metric, metric)
     backend = splice_saes(plan, backend or load_backend(plan, model, tokenizer), saes)
     compiled = compile_plan(plan, backend)
-    scores, metric_clean, metric_noise = execute(compiled, backend, metric_fn, progress)
+    executed = execute(compiled, backend, metric_fn, progress)
     result = AttributionResult(
-        nodes={b.name: _node_scores(b, scores[b.name]) for b in compiled.bound},
-        metric_clean=metric_clean,
-        metric_noise=metric_noise,
+        nodes={b.name: _node_scores(b, executed.scores[b.name]) for b in compiled.bound},
+        metric_clean=executed.metric_clean,
+        metric_noise=executed.metric_noise,
+        extras=executed.extras,
         clean_tokens=[list(p.clean) for p in compiled.pairs],
         noise_tokens=[list(p.noise) for p in compiled.pairs],
         plan_json=plan.to_json(),

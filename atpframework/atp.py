@@ -151,6 +151,7 @@ class FirstOrder(AbstractMethod):
                     f"one backward restarted below each dropped write that reaches a node ({len(layout.terms)} terms, "
                     f"{len(layout.active)} restarted): about {blocks:g} block-backwards, "
                     f"~{blocks / n_layers:.1f} full backward passes",
+                    forward_equivalents=2.0 * blocks / n_layers,
                 )
             )
         return steps

@@ -79,6 +79,16 @@ class AbstractBackend(ABC):
     def forward(self, tokens: Tensor, hooks: Mapping[Site, Sequence[SiteHook]]) -> Tensor:
         """Logits ``batch pos vocab`` of ``tokens`` (``batch pos``) with ``hooks`` installed for this pass only."""
 
+    def forward_from(self, layer: int, resid: Tensor, tokens: Tensor, hooks: Mapping[Site, Sequence[SiteHook]]) -> Tensor:
+        """Logits of running blocks ``layer..`` on ``resid`` (``batch pos d_model``), the residual stream at boundary ``layer``.
+
+        ``tokens`` are the prompts ``resid`` came from (for backends that need positions or masks).
+        Hooks on sites below ``layer`` never fire; hooks on ``Site("resid", layer)`` run on ``resid``
+        itself. This default runs the whole model and replaces the boundary with ``resid``, which is
+        exact but skips nothing; backends that can start mid-model override it.
+        """
+        return self.forward(tokens, start_hooks(layer, resid, hooks))
+
     def attention_unsupported(self, layer: int) -> str | None:
         """Why ``attention_logits`` cannot reproduce this layer's attention, or None if it can.
 
@@ -109,6 +119,19 @@ class AbstractBackend(ABC):
 
 
 # ----------------------------------------------------------------- helpers for backend authors
+def start_hooks(layer: int, resid: Tensor, hooks: Mapping[Site, Sequence[SiteHook]]) -> dict[Site, list[SiteHook]]:
+    """``hooks`` with ``Site("resid", layer)`` replaced by one hook returning ``resid`` after its own hooks ran on it."""
+    boundary = Site("resid", layer)
+    start = resid
+    for fn in hooks.get(boundary, ()):
+        replaced = fn(start)
+        if replaced is not None:
+            start = replaced
+    out = {site: list(fns) for site, fns in hooks.items() if site != boundary}
+    out[boundary] = [lambda act: start]
+    return out
+
+
 def resolve_options(backend: str, options: Mapping[str, Any], choices: Mapping[str, Sequence[str]]) -> dict[str, str]:
     """Validate ``model.options`` against ``choices`` (option -> allowed values, the first the default)."""
     unknown = set(options) - set(choices)

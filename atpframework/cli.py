@@ -2,6 +2,9 @@
 
     atpf PLAN.json [-o OUT] [--dry-run] [--debug]   run a plan (or print its compiled passes)
     atpf show RESULT [--top N] [--aggregate mean_abs|mean]
+    atpf verify RESULT (--budget N | --until-stable) [--top K] [--threshold X] [-o OUT]
+    atpf diagnose RESULT --verified-top K --samples M[,M2..] [--confidence 0.9,0.99] [--plot PNG]
+    atpf compare PLAN.json --methods atp,atp_star,... [--ground-truth RESULT] --out DIR
     atpf schema                                     print the plan JSON Schema
 
 Exit codes: 0 success; 2 a bad plan or usage (one-paragraph message); 1 a runtime failure.
@@ -111,6 +114,128 @@ def show_command(result_path: str, top: int, aggregate: str, debug: bool) -> Non
     _guard(debug, action)
 
 
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PlanError(f"{option}: expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str, option: str) -> list[int]:
+    values = _floats(text, option)
+    if any(v != int(v) for v in values):
+        raise PlanError(f"{option}: expected comma-separated whole numbers, got {text!r}")
+    return [int(v) for v in values]
+
+
+@main.command("verify")
+@click.argument("result_path", metavar="RESULT", type=click.Path(dir_okay=False))
+@click.option("--budget", type=int, help="Verify this many more nodes (in decreasing estimated score).")
+@click.option("--until-stable", is_flag=True, help="Verify until the verified top --top stops changing for --patience nodes.")
+@click.option("--top", default=20, show_default=True, help="Size of the top set that --until-stable watches, and of the report.")
+@click.option("--patience", type=int, help="Nodes without a change before --until-stable stops [default: max(top, nodes per pass)].")
+@click.option("--threshold", type=float, help="Mean |effect| a verified node needs to count as confirmed [default: 5% of |noise - clean|].")
+@click.option("--nodes-per-pass", default=64, show_default=True, help="Nodes patched per forward pass.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of updating RESULT in place.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def verify_command(result_path: str, budget: int | None, until_stable: bool, top: int, patience: int | None,
+                   threshold: float | None, nodes_per_pass: int, output: str | None, debug: bool) -> None:
+    """Exact-patch the nodes of RESULT in decreasing estimated score and store the verified effects in it."""
+    from .results import load_result
+    from .verify import verify
+
+    def action() -> None:
+        result = load_result(result_path)
+        _quiet_model_libraries()
+        started = time.perf_counter()
+        verified = verify(result, budget=budget, until_stable=until_stable, top=top, patience=patience,
+                          threshold=threshold, nodes_per_pass=nodes_per_pass)
+        target = output or result_path
+        verified.save(target)
+        click.echo(_format_verified(verified, top))
+        click.echo(f"wrote {target} ({time.perf_counter() - started:.1f}s)")
+
+    _guard(debug, action)
+
+
+@main.command("diagnose")
+@click.argument("result_path", metavar="RESULT", type=click.Path(dir_okay=False))
+@click.option("--verified-top", required=True, type=int, help="How many top estimated nodes are (or get) verified.")
+@click.option("--samples", required=True, help="Sample budgets, comma-separated (e.g. 100,400,1600); the bound is reported after each.")
+@click.option("--confidence", default="0.9,0.99", show_default=True, help="Confidence levels, comma-separated.")
+@click.option("--p", "p", default=0.5, show_default=True, help="Probability that a random subset includes a node.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--nodes-per-pass", default=64, show_default=True, help="Subsets (or nodes) patched per forward pass.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the bound against the verified effects.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the diagnosis as JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def diagnose_command(result_path: str, verified_top: int, samples: str, confidence: str, p: float, seed: int,
+                     nodes_per_pass: int, plot: str | None, json_path: str | None, debug: bool) -> None:
+    """Bound the effect of every node of RESULT outside its verified top (subsampling + Welch tests)."""
+    from .files import write_text_atomically
+    from .results import load_result
+    from .verify import diagnose
+
+    def action() -> None:
+        result = load_result(result_path)
+        _quiet_model_libraries()
+        started = time.perf_counter()
+        updated, diagnosis = diagnose(result, verified_top=verified_top, samples=_ints(samples, "--samples"),
+                                      confidences=_floats(confidence, "--confidence"), p=p, seed=seed,
+                                      nodes_per_pass=nodes_per_pass)
+        if updated is not result:
+            updated.save(result_path)
+        click.echo(f"verified top {diagnosis.verified_top}; largest verified mean |effect| "
+                   f"{float(diagnosis.verified_effects[0]) if len(diagnosis.verified_effects) else float('nan'):.5f}; "
+                   f"{diagnosis.remainder} unverified nodes, subsets with p={diagnosis.p}")
+        click.echo(f"{'samples':>8}  " + "  ".join(f"bound@{c:g}".rjust(12) for c in diagnosis.bounds))
+        budgets = [n for n, _ in next(iter(diagnosis.bounds.values()))]
+        for row, n in enumerate(budgets):
+            click.echo(f"{n:>8}  " + "  ".join(f"{b[row][1]:>12.5f}" for b in diagnosis.bounds.values()))
+        click.echo(f"(no unverified node's mean |effect| exceeds the bound, at that confidence; "
+                   f"{diagnosis.forward_equivalents_per_pair:g} forward passes per pair; {time.perf_counter() - started:.1f}s)")
+        if json_path:
+            write_text_atomically(json_path, json.dumps(diagnosis.as_json(), indent=2))
+        if plot:
+            from .plots import plot_diagnostic
+
+            plot_diagnostic(diagnosis.verified_effects, diagnosis.bounds, plot,
+                            title=f"{result.method}: bound on unverified nodes after verifying the top {verified_top}")
+            click.echo(f"wrote {plot}")
+
+    _guard(debug, action)
+
+
+@main.command("compare")
+@click.argument("plan_path", metavar="PLAN.json", type=click.Path(dir_okay=False))
+@click.option("--methods", required=True,
+              help="Comma-separated method names, or a JSON list of method specs (e.g. '[{\"name\": \"blocks\", \"block_size\": 8}]').")
+@click.option("--ground-truth", type=click.Path(dir_okay=False), help="A stored activation_patching result of this plan.")
+@click.option("--k-max", type=int, help="Largest k of the recall curves [default: min(nodes, 200)].")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the table, plot and results.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def compare_command(plan_path: str, methods: str, ground_truth: str | None, k_max: int | None, out_dir: str, debug: bool) -> None:
+    """Cost of verified recall of several methods on PLAN.json (table, JSON and log-log PNG in --out)."""
+    from .compare import compare, write_comparison
+
+    def action() -> None:
+        text = methods.strip()
+        if text.startswith("["):
+            try:
+                specs = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise PlanError(f"--methods: not valid JSON ({err})") from None
+        else:
+            specs = [m.strip() for m in text.split(",") if m.strip()]
+        _quiet_model_libraries()
+        comparison = compare(plan_path, specs, ground_truth=ground_truth, k_max=k_max, log=lambda m: click.echo(m, err=True))
+        written = write_comparison(comparison, out_dir, title=f"cost of verified recall: {plan_path}")
+        click.echo(comparison.table())
+        click.echo("wrote " + ", ".join(str(p) for p in written))
+
+    _guard(debug, action)
+
+
 @main.command("schema")
 def schema_command() -> None:
     """Print the JSON Schema of plans (with every installed node type)."""
@@ -133,6 +258,49 @@ def _score_name(result: Any, aggregate: str) -> str:
     if result.sign_convention != SIGN_CONVENTION:  # GradDrop scores: non-negative already
         return "mean GradDrop score"
     return "mean |effect|" if aggregate == "mean_abs" else "signed mean effect"
+
+
+def _format_verified(result: Any, top: int) -> str:
+    from .verify import verified_effects
+
+    info = result.verification
+    nodes, ranks, effects = verified_effects(result)
+    strength = effects.abs().mean(0)
+    lines = [
+        f"verified {info['verified']} of {info['of_nodes']} nodes ({info['stopped']}); "
+        f"{info['forward_equivalents_per_pair']:g} forward passes per pair this run",
+        f"confirmed (mean |effect| >= {info['threshold']:.4g}) among the top n estimated: "
+        + (", ".join(f"{k.removeprefix('top_')}: {v}" for k, v in info["confirmed"].items()) or "n/a (fewer than 10 verified)"),
+        f"top {top} verified nodes by exact mean |effect|:",
+    ]
+    labels = _global_labels(result)
+    for rank, i in enumerate(strength.argsort(descending=True)[:top].tolist(), start=1):
+        lines.append(f"{rank:>4}  {labels(int(nodes[i])):<28} {float(strength[i]):>11.5f}   (verified #{int(ranks[i]) + 1})")
+    return "\n".join(lines)
+
+
+def _global_labels(result: Any) -> Callable[[int], str]:
+    """Global node index -> a label like ``heads L3 P9 H2``."""
+    import torch
+
+    from .results import TopNode
+
+    spans = []
+    at = 0
+    for name, ns in result.nodes.items():
+        shape = tuple(ns.per_pair.shape[1:])
+        spans.append((at, name, ns, shape))
+        at += int(torch.tensor(shape).prod())
+
+    def label(g: int) -> str:
+        for start, name, ns, shape in reversed(spans):
+            if g >= start:
+                coords = torch.unravel_index(torch.tensor(g - start), shape)
+                named = {dim: "all" if ns.index[dim] == "all" else ns.index[dim][int(c)] for dim, c in zip(ns.dims[1:], coords)}
+                return TopNode(name, ns.kind, named, 0.0, 0.0).label()
+        raise IndexError(g)
+
+    return label
 
 
 def _format_top(result: Any, top: int, aggregate: str) -> str:

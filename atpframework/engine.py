@@ -45,6 +45,16 @@ class PassStep:
     sites: tuple[Site, ...] = ()
     """Sites captured, patched or receiving gradients."""
     action: str = ""
+    forward_equivalents: float | None = None
+    """Cost of this step per prompt pair in forward passes; None: ``count`` for forwards, ``2 * count``
+    for backwards, 0 for attention recomputation."""
+
+    @property
+    def cost(self) -> float:
+        """Forward-pass equivalents per prompt pair (a backward pass counts as two forwards)."""
+        if self.forward_equivalents is not None:
+            return self.forward_equivalents
+        return {"forward": 1.0, "backward": 2.0}.get(self.kind, 0.0) * self.count
 
 
 @dataclass(frozen=True)
@@ -248,6 +258,9 @@ class BatchScores:
     metric_noise: Tensor
     terms: dict[str, Tensor] | None = None
     """GradDrop methods asked to keep them: result name -> ``term batch layer *axes`` signed per-term estimates."""
+    extras: dict[str, Tensor] | None = None
+    """Per-node statistics stored next to the scores, ``"<result name>.<statistic>"`` -> ``batch layer *axes``
+    (e.g. the subsampling baseline's standard errors and sample counts)."""
 
 
 def batch_runs(compiled: CompiledPlan, backend: AbstractBackend, metric: Metric) -> Iterator[BatchRun]:
@@ -264,14 +277,25 @@ def batch_runs(compiled: CompiledPlan, backend: AbstractBackend, metric: Metric)
         )
 
 
+@dataclass
+class Executed:
+    """Everything ``execute`` gathered over the batches, pairs first."""
+
+    scores: dict[str, Tensor]
+    """Result name -> ``pair layer *axes`` (sparse COO for selections with ``keep_top``)."""
+    extras: dict[str, Tensor]
+    """``"<result name>.<statistic>"`` -> ``pair layer *axes`` (see ``BatchScores.extras``)."""
+    metric_clean: Tensor
+    metric_noise: Tensor
+
+
 def execute(
     compiled: CompiledPlan,
     backend: AbstractBackend,
     metric: Metric,
     progress: Callable[[int], None] | None = None,
-) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """Run every batch; return per-pair scores (``pair layer *axes``; sparse COO for selections with
-    ``keep_top``), clean and noise metric values."""
+) -> Executed:
+    """Run every batch and gather per-pair scores, extras, and clean and noise metric values."""
     from .methods import get_method
 
     method = get_method(compiled.plan.method.name)
@@ -284,6 +308,7 @@ def execute(
     sparse: dict[str, list[tuple[Tensor, Tensor]]] = {}
     metric_clean = torch.zeros(n, dtype=torch.float32)
     metric_noise = torch.zeros(n, dtype=torch.float32)
+    extras: dict[str, Tensor] = {}
     for run in batch_runs(compiled, backend, metric):
         idx = list(run.batch.pair_indices)
         out = method.run_batch(run)
@@ -294,6 +319,10 @@ def execute(
                 scores[b.name][idx] = value
             else:
                 sparse.setdefault(b.name, []).append(keep_top(value, idx, keep, getattr(b.spec, "keep_top_per", "selection")))
+        for key, value in (out.extras or {}).items():
+            if key not in extras:
+                extras[key] = torch.zeros((n,) + tuple(value.shape[1:]), dtype=torch.float32)
+            extras[key][idx] = value.detach().float().cpu()
         metric_clean[idx] = out.metric_clean.detach().float().cpu()
         metric_noise[idx] = out.metric_noise.detach().float().cpu()
         if progress is not None:
@@ -303,7 +332,7 @@ def execute(
             indices = torch.cat([part[0] for part in sparse[b.name]], dim=1)
             values = torch.cat([part[1] for part in sparse[b.name]])
             scores[b.name] = torch.sparse_coo_tensor(indices, values, (n,) + b.shape, check_invariants=True).coalesce()
-    return scores, metric_clean, metric_noise
+    return Executed(scores, extras, metric_clean, metric_noise)
 
 
 def keep_top(value: Tensor, pair_indices: list[int], k: int, per: str) -> tuple[Tensor, Tensor]:

@@ -34,6 +34,11 @@ class AbstractMethod(ABC):
     def run_batch(self, run: BatchRun) -> BatchScores:
         """Per-pair effects for one batch."""
 
+    def cost(self, compiled: CompiledPlan) -> float:
+        """Forward-pass equivalents per prompt pair (a backward counts as two): the method's own cost in
+        the cost of verified recall."""
+        return sum(step.cost for step in self.schedule(compiled))
+
     def validate(self, compiled: CompiledPlan, backend: AbstractBackend) -> None:
         """Raise ``PlanError`` at compile time if this method cannot run the plan on this model."""
 
@@ -71,6 +76,7 @@ def get_method(name: str) -> AbstractMethod:
 def methods() -> dict[str, AbstractMethod]:
     """Every method this version runs, by plan ``method.name``."""
     from .atp import FIRST_ORDER_METHODS
+    from .baselines import BASELINE_METHODS
     from .patching import ActivationPatching
 
-    return {m.name: m for m in (*FIRST_ORDER_METHODS, ActivationPatching())}
+    return {m.name: m for m in (*FIRST_ORDER_METHODS, ActivationPatching(), *BASELINE_METHODS)}

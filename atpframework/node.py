@@ -13,9 +13,11 @@ Rules for implementations:
       of "all" nodes are sums of their entries).
 """
 
+import math
 from abc import ABC
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import torch
@@ -172,18 +174,45 @@ class BoundNodes:
         """Entries of the layer axis that cover ``layer``."""
         return [i for i, e in enumerate(self.layers.entries) if layer in e]
 
+    @cached_property
+    def coverage(self) -> "Coverage":
+        """Where each node of this selection patches (computed once, vectorized)."""
+        n = self.n_nodes
+        coords = torch.unravel_index(torch.arange(n), self.shape)
+        grid = tuple(a.size for a in self.axes)
+        points = torch.zeros(n, 1, dtype=torch.long)
+        stride = math.prod(grid)
+        for axis, coord in zip(self.axes, coords[1:]):
+            stride //= axis.size
+            if axis.labels == "all":  # one entry covering the whole axis
+                span = torch.arange(axis.size) * stride
+                points = (points[:, :, None] + span[None, None, :]).reshape(n, -1)
+            else:
+                first = torch.tensor([e[0] for e in axis.entries], dtype=torch.long)
+                points = points + (first[coord] * stride)[:, None]
+        return Coverage(layer_entry=coords[0], points=points, grid=grid)
+
     def patch_mask(self, flat_index: int, device: torch.device | None = None) -> tuple[tuple[int, ...], Tensor]:
         """For one node (flat index over ``shape``): the layers it covers and its mask over ``index_dims``."""
-        coords = []
-        rest = flat_index
-        for size in reversed(self.shape):
-            coords.append(rest % size)
-            rest //= size
-        coords.reverse()
-        mask = torch.ones((), dtype=torch.bool, device=device)
-        for axis, c in zip(self.axes, coords[1:]):
-            mask = mask.unsqueeze(-1) & axis.mask(c, device)
-        return self.layers.entries[coords[0]], mask
+        cov = self.coverage
+        mask = torch.zeros(math.prod(cov.grid), dtype=torch.bool, device=device)
+        mask[cov.points[flat_index].to(mask.device)] = True
+        return self.layers.entries[int(cov.layer_entry[flat_index])], mask.view(cov.grid)
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Per node of a selection: its layer entry and the points it covers in the site's index grid.
+
+    Every node of one selection covers the same number of points ``P`` (the product of the sizes of
+    its ``"all"`` axes), so ``points`` is rectangular.
+    """
+
+    layer_entry: Tensor
+    """``node``: index into ``BoundNodes.layers.entries``."""
+    points: Tensor
+    """``node P``: flat indices into ``grid`` (the ``index_dims`` sizes, row-major)."""
+    grid: tuple[int, ...]
 
 
 def resolve_axis(selection: object, dim: str, size: int, where: str, allow_negative: bool) -> AxisSelection:

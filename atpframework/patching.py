@@ -1,76 +1,209 @@
-"""Exact activation patching: the ground truth every estimate is measured against.
+"""Exact activation patching: the fast engine behind ``activation_patching``, the subset baselines,
+verification and the diagnostic.
 
-Each node's noise value is patched into the clean run; ``nodes_per_pass`` nodes share one forward
-pass, each as its own block of batch rows. No gradient is taken.
+A *patch set* is a group of nodes patched jointly (each to its noise-run value) in the clean run;
+its *effect* is the metric change, per prompt pair. ``ExactPatcher`` evaluates many sets per forward
+pass: the clean prompts are repeated, one block of batch rows per set, and one boolean mask per
+site says which rows and entries take the noise value. A pass starts from the clean run's cached
+residual stream at the lowest layer any of its sets touches (``AbstractBackend.forward_from``), so
+the blocks below it are not recomputed; sets are sorted by that layer so that passes skip as much as
+possible. No gradient is taken.
 """
 
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .backend import SiteHook
 from .engine import BatchRun, BatchScores, CompiledPlan, PassStep
-from .methods import AbstractMethod, noise_forward
+from .methods import AbstractMethod, capture, noise_forward
+from .node import BoundNodes
 from .sites import Site
+
+NodeSet = dict[int, Tensor]
+"""Nodes patched jointly: selection index (into ``BatchRun.batch.bound``) -> flat node indices (``LongTensor``)."""
+
+
+@dataclass(frozen=True)
+class PatchCounts:
+    """What ``ExactPatcher`` ran, for cost accounting."""
+
+    passes: int = 0
+    rows: int = 0
+    """Patched rows (sets x pairs)."""
+    blocks_run: int = 0
+    """Transformer blocks computed over all patched rows (a full forward of one row is ``n_layers``)."""
+
+
+class ExactPatcher:
+    """The clean and noise runs of one batch, and patched forward passes over them.
+
+    Args:
+        run: the batch.
+        sets_per_pass: how many sets share one forward pass (each gets the batch's rows).
+        skip_layers: start each pass from the cached clean residual stream (False: from the embeddings).
+    """
+
+    def __init__(self, run: BatchRun, sets_per_pass: int, skip_layers: bool = True) -> None:
+        self.run, self.sets_per_pass, self.skip_layers = run, sets_per_pass, skip_layers
+        self.bound = run.batch.bound
+        self.n_batch = run.clean_tokens.shape[0]
+        self.n_layers = run.backend.info.n_layers
+        self.noise_acts, self.metric_noise = noise_forward(run)
+        boundaries = {Site("resid", layer) for layer in range(self.n_layers + 1)} if skip_layers else set()
+        self.clean_resid: dict[Site, Tensor] = {}
+        with torch.no_grad():
+            logits = run.backend.forward(run.clean_tokens, {s: [capture(self.clean_resid, s)] for s in boundaries})
+            self.metric_clean = run.metric(logits, run.metric_inputs(run.clean_tokens))
+        # the lowest model layer each node touches: where a pass patching it can start
+        self._start = [self._node_start_layers(b) for b in self.bound]
+        self.counts = PatchCounts()
+        sizes = [b.n_nodes for b in self.bound]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        """Global node index ``g`` of selection ``i``'s flat node ``n`` is ``offsets[i] + n``."""
+
+    @property
+    def n_nodes(self) -> int:
+        """Nodes over all selections."""
+        return self.offsets[-1]
+
+    def node_set(self, nodes: Tensor) -> NodeSet:
+        """The ``NodeSet`` of global node indices ``nodes``."""
+        out: NodeSet = {}
+        for i in range(len(self.bound)):
+            lo, hi = self.offsets[i], self.offsets[i + 1]
+            picked = nodes[(nodes >= lo) & (nodes < hi)] - lo
+            if picked.numel():
+                out[i] = picked.long()
+        return out
+
+    def split(self, values: Tensor) -> dict[str, Tensor]:
+        """``... node`` over global node indices -> per selection name ``... layer *axes``."""
+        return {
+            b.name: values[..., self.offsets[i] : self.offsets[i + 1]].reshape(values.shape[:-1] + b.shape)
+            for i, b in enumerate(self.bound)
+        }
+
+    def _node_start_layers(self, b: BoundNodes) -> Tensor:
+        entry_start = torch.tensor([min(b.site(layer).layer for layer in entry) for entry in b.layers.entries])
+        return entry_start[b.coverage.layer_entry]
+
+    def start_layer(self, node_set: NodeSet) -> int:
+        if not self.skip_layers:
+            return 0
+        starts = [int(self._start[i][flat].min()) for i, flat in node_set.items() if flat.numel()]
+        return min(starts, default=self.n_layers)
+
+    def effects(self, sets: Sequence[NodeSet]) -> Tensor:
+        """``set batch``: metric(clean with the set patched) - metric(clean), per pair."""
+        out = torch.zeros(len(sets), self.n_batch, dtype=torch.float32)
+        if not sets:
+            return out
+        starts = [self.start_layer(s) for s in sets]
+        order = sorted(range(len(sets)), key=lambda i: starts[i])
+        for lo in range(0, len(order), self.sets_per_pass):
+            chunk = order[lo : lo + self.sets_per_pass]
+            start = min(starts[i] for i in chunk)
+            values = self._patched_metric([sets[i] for i in chunk], start)
+            out[chunk] = (values - self.metric_clean.to(values.device)[None]).float().cpu()
+        return out
+
+    def single_node_effects(self, nodes: Tensor | None = None) -> Tensor:
+        """``node batch``: each of ``nodes`` (global indices; default all) patched alone (exact activation patching)."""
+        nodes = torch.arange(self.n_nodes) if nodes is None else nodes
+        return self.effects([self.node_set(g.view(1)) for g in nodes])
+
+    # ------------------------------------------------------------------ one pass
+    def _patched_metric(self, sets: list[NodeSet], start: int) -> Tensor:
+        n_blocks = len(sets)
+        hooks: dict[Site, list[SiteHook]] = defaultdict(list)
+        for (site, _), mask in self._site_masks(sets).items():
+            hooks[site].append(_patch_hook(self.noise_acts[site], mask))
+        tokens = self.run.clean_tokens.repeat(n_blocks, 1)
+        backend = self.run.backend
+        with torch.no_grad():
+            if start == 0:
+                logits = backend.forward(tokens, hooks)
+            else:
+                resid = self.clean_resid[Site("resid", start)].repeat(n_blocks, *([1] * (self.clean_resid[Site("resid", start)].dim() - 1)))
+                logits = backend.forward_from(start, resid, tokens, hooks)
+            values = self.run.metric(logits, self.run.metric_inputs(tokens, repeat=n_blocks))
+        self.counts = PatchCounts(
+            self.counts.passes + 1,
+            self.counts.rows + n_blocks * self.n_batch,
+            self.counts.blocks_run + n_blocks * self.n_batch * (self.n_layers - start),
+        )
+        return values.view(n_blocks, self.n_batch)
+
+    def _site_masks(self, sets: list[NodeSet]) -> dict[tuple[Site, tuple[int, ...]], Tensor]:
+        """Per site and index grid (node types reading one site may index it differently), ``set *grid``
+        booleans: which entries each row block patches."""
+        masks: dict[tuple[Site, tuple[int, ...]], Tensor] = {}
+        rows_by_selection: dict[int, list[Tensor]] = defaultdict(list)
+        flats_by_selection: dict[int, list[Tensor]] = defaultdict(list)
+        for row, node_set in enumerate(sets):
+            for i, flat in node_set.items():
+                rows_by_selection[i].append(torch.full_like(flat, row))
+                flats_by_selection[i].append(flat)
+        for i, rows_list in rows_by_selection.items():
+            b = self.bound[i]
+            cov = b.coverage
+            rows, flats = torch.cat(rows_list), torch.cat(flats_by_selection[i])
+            entries = cov.layer_entry[flats]
+            points = cov.points[flats]
+            for entry in entries.unique().tolist():
+                pick = entries == entry
+                r = rows[pick][:, None].expand(-1, points.shape[1])
+                p = points[pick]
+                for layer in b.layers.entries[entry]:
+                    key = (b.site(layer), cov.grid)
+                    if key not in masks:
+                        masks[key] = torch.zeros((len(sets), *cov.grid), dtype=torch.bool)
+                    masks[key].view(len(sets), -1)[r, p] = True
+        return masks
+
+
+def _patch_hook(noise: Tensor, mask: Tensor) -> SiteHook:
+    """Rows of block ``r`` take ``noise`` where ``mask[r]`` is set (``mask``: ``set *grid``)."""
+    n_sets, n_batch = mask.shape[0], noise.shape[0]
+    n_features = noise.dim() - 1 - (mask.dim() - 1)
+    full = mask.reshape(n_sets, 1, *mask.shape[1:], *([1] * n_features)).to(noise.device)
+
+    def hook(act: Tensor) -> Tensor:
+        blocks = act.view(n_sets, n_batch, *act.shape[1:])
+        return torch.where(full.to(act.device), noise.to(act.device)[None], blocks).view(act.shape)
+
+    return hook
 
 
 class ActivationPatching(AbstractMethod):
-    """Exact activation patching: each node's noise value patched into the clean run, one node per batch rows."""
+    """Exact activation patching: each node's noise value patched into the clean run, one node per row block."""
 
     name = "activation_patching"
     exact = True
 
     def schedule(self, compiled: CompiledPlan) -> list[PassStep]:
-        per_pass = compiled.plan.method.nodes_per_pass  # type: ignore[union-attr]
+        spec = compiled.plan.method
+        per_pass = spec.nodes_per_pass  # type: ignore[union-attr]
         n_nodes = sum(b.n_nodes for b in compiled.bound)
         n_passes = -(-n_nodes // per_pass)
+        start = "cached clean residual stream at the lowest layer patched" if spec.skip_layers else "embeddings"  # type: ignore[union-attr]
         return [
             PassStep("noise_forward", "forward", 1, "noise prompts", compiled.sites, "capture activations (no grad)"),
-            PassStep("clean_forward", "forward", 1, "clean prompts", (), "baseline metric (no grad)"),
+            PassStep("clean_forward", "forward", 1, "clean prompts", (), "baseline metric, residual stream cached (no grad)"),
             PassStep(
                 "patched_forward", "forward", n_passes,
                 f"clean prompts x up to {per_pass} nodes ({n_nodes} nodes in all)", compiled.sites,
-                "each row block patches one node's noise value (no grad)",
+                f"each row block patches one node's noise value; starts from the {start} (no grad)",
+                forward_equivalents=float(n_nodes),
             ),
         ]
 
     def run_batch(self, run: BatchRun) -> BatchScores:
-        noise_acts, metric_noise = noise_forward(run)
-        with torch.no_grad():
-            logits = run.backend.forward(run.clean_tokens, {})
-            metric_clean = run.metric(logits, run.metric_inputs(run.clean_tokens))
-        n_batch = run.clean_tokens.shape[0]
-        bound = run.batch.bound
-        device = run.backend.device
-        scores = {b.name: torch.zeros((n_batch, b.n_nodes), dtype=torch.float32, device=device) for b in bound}
-        nodes = [(b, i) for b in bound for i in range(b.n_nodes)]
-        per_pass = run.compiled.plan.method.nodes_per_pass  # type: ignore[union-attr]
-        for start in range(0, len(nodes), per_pass):
-            chunk = nodes[start : start + per_pass]
-            patches: dict[Site, list[tuple[int, Tensor]]] = defaultdict(list)
-            for row_block, (b, i) in enumerate(chunk):
-                layers, mask = b.patch_mask(i, device)
-                for layer in layers:
-                    patches[b.site(layer)].append((row_block, mask))
-            hooks = {site: [self._patch_hook(noise_acts[site], entries, len(chunk))] for site, entries in patches.items()}
-            tokens = run.clean_tokens.repeat(len(chunk), 1)
-            with torch.no_grad():
-                logits = run.backend.forward(tokens, hooks)
-                values = run.metric(logits, run.metric_inputs(tokens, repeat=len(chunk))).view(len(chunk), n_batch)
-            for row_block, (b, i) in enumerate(chunk):
-                scores[b.name][:, i] = (values[row_block] - metric_clean).float()
-        shaped = {b.name: scores[b.name].view((n_batch,) + b.shape) for b in bound}
-        return BatchScores(shaped, metric_clean, metric_noise)
-
-    @staticmethod
-    def _patch_hook(noise: Tensor, entries: list[tuple[int, Tensor]], n_blocks: int) -> SiteHook:
-        def hook(act: Tensor) -> Tensor:
-            out = act.clone()
-            blocks = out.view((n_blocks, noise.shape[0]) + tuple(act.shape[1:]))
-            for row_block, mask in entries:
-                m = mask.reshape(mask.shape + (1,) * (noise.dim() - 1 - mask.dim())).to(act.device)
-                blocks[row_block] = torch.where(m, noise, blocks[row_block])
-            return out
-
-        return hook
+        spec = run.compiled.plan.method
+        patcher = ExactPatcher(run, spec.nodes_per_pass, spec.skip_layers)  # type: ignore[union-attr]
+        scores = patcher.split(patcher.single_node_effects().T)
+        return BatchScores(scores, patcher.metric_clean, patcher.metric_noise)

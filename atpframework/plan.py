@@ -122,12 +122,51 @@ class ActivationPatchingMethod(_Strict):
     name: Literal["activation_patching"]
     nodes_per_pass: int = Field(16, ge=1)
     """How many nodes share one forward pass (each as its own batch rows)."""
+    skip_layers: bool = True
+    """Start each pass from the clean run's cached residual stream at the lowest layer it patches
+    (False: recompute every block from the embeddings; same results, slower)."""
+
+
+class SubsamplingMethod(_Strict):
+    """Baseline: random subsets patched jointly; a node scores the difference of the mean effects of the
+    subsets that include and exclude it."""
+
+    name: Literal["subsampling"]
+    samples: int = Field(256, ge=4)
+    """Subsets per prompt pair (= forward passes per pair)."""
+    p: float = Field(0.5, gt=0.0, lt=1.0)
+    """Probability that a subset includes a node."""
+    seed: int = 0
+    sets_per_pass: int = Field(16, ge=1)
+    """How many subsets share one forward pass."""
+
+
+class BlocksMethod(_Strict):
+    """Baseline: contiguous blocks of nodes patched jointly; a node scores its block's effect."""
+
+    name: Literal["blocks"]
+    block_size: int = Field(16, ge=1)
+    sets_per_pass: int = Field(16, ge=1)
+
+
+class HierarchicalMethod(_Strict):
+    """Baseline: coarse-to-fine; the group with the largest effect is split until ``budget`` groups were patched."""
+
+    name: Literal["hierarchical"]
+    budget: int = Field(256, ge=1)
+    """Groups patched per prompt pair (= forward passes per pair)."""
+    branching: int = Field(4, ge=2)
+    sets_per_pass: int = Field(16, ge=1)
 
 
 MethodSpec = Annotated[
-    Union[AtpMethod, AtpQkfixMethod, AtpGradDropMethod, AtpStarMethod, ActivationPatchingMethod], Field(discriminator="name")
+    Union[
+        AtpMethod, AtpQkfixMethod, AtpGradDropMethod, AtpStarMethod, ActivationPatchingMethod,
+        SubsamplingMethod, BlocksMethod, HierarchicalMethod,
+    ],
+    Field(discriminator="name"),
 ]
-METHOD_NAMES = ("atp", "atp_qkfix", "atp_graddrop", "atp_star", "activation_patching")
+METHOD_NAMES = ("atp", "atp_qkfix", "atp_graddrop", "atp_star", "activation_patching", "subsampling", "blocks", "hierarchical")
 
 
 class AttributionPlan(_Strict):

@@ -4,13 +4,14 @@ File layout (spec in ``docs/result-format.md``): tensors ``scores.<name>`` (``pa
 float32, per-pair effects as ``atpf.sign_convention`` says; or sparse: ``scores.<name>.indices`` and
 ``scores.<name>.values`` in COO form), ``metric.clean`` and ``metric.noise`` (``pair``),
 ``tokens.clean`` and ``tokens.noise`` (``pair pos``, int64, right-padded with -1) and
-``tokens.length`` (``pair``); string metadata under ``atpf.*`` keys. Files are written atomically
+``tokens.length`` (``pair``); optional ``extras.<name>.<statistic>`` (``pair layer *axes``, e.g.
+standard errors) and, after ``atpf verify``, ``verified.<name>.index`` / ``.rank`` (``verified``,
+int64 flat node indices and their place in the verification order) and ``verified.<name>.effects``
+(``pair verified``, exact effects); string metadata under ``atpf.*`` keys. Files are written atomically
 (a temporary file in the same directory, then ``os.replace``).
 """
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -21,12 +22,14 @@ import torch
 from torch import Tensor
 
 from .errors import SchemaError
+from .files import write_atomically
 
 RESULT_SCHEMA = "atpf.result"
 """Schema id written to ``atpf.schema``."""
-RESULT_SCHEMA_VERSION = 2
+RESULT_SCHEMA_VERSION = 3
 """Schema version written to ``atpf.schema_version``; files with a newer version are refused.
-2 added sparse score tensors (``scores.<name>.indices`` / ``.values``); version 1 files read unchanged."""
+2 added sparse score tensors (``scores.<name>.indices`` / ``.values``); 3 added ``extras.*``,
+``verified.*`` and ``atpf.verification``. Older files read unchanged."""
 SIGN_CONVENTION = "effect = metric(clean run with node <- its noise-run value) - metric(clean run)"
 """What the per-pair scores of signed methods (``activation_patching``, ``atp``, ``atp_qkfix``) are."""
 GRADDROP_CONVENTION = (
@@ -63,6 +66,18 @@ class NodeScores:
         if values.is_sparse:
             return torch.sparse.sum(values, dim=0).to_dense() / values.shape[0]
         return values.mean(dim=0)
+
+
+@dataclass(frozen=True)
+class VerifiedNodes:
+    """Exact effects of some nodes of one selection, measured after the run (``atpf verify``)."""
+
+    index: Tensor
+    """``verified``: flat indices into the selection's ``layer *axes``."""
+    rank: Tensor
+    """``verified``: each node's place in the verification order (0 first, across all selections)."""
+    effects: Tensor
+    """``pair verified``: metric(clean with the node patched) - metric(clean)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +120,12 @@ class AttributionResult:
     created: str = ""
     sign_convention: str = SIGN_CONVENTION
     """What the per-pair scores mean (``SIGN_CONVENTION`` or ``GRADDROP_CONVENTION``)."""
+    extras: dict[str, Tensor] = field(default_factory=dict)
+    """Per-node statistics beside the scores: ``"<name>.<statistic>"`` -> ``pair layer *axes``."""
+    verified: dict[str, VerifiedNodes] = field(default_factory=dict)
+    """Exact effects of verified nodes, by selection name."""
+    verification: dict[str, Any] = field(default_factory=dict)
+    """How the verification ran (order, budget, stop reason, threshold, passes)."""
 
     @property
     def plan(self) -> dict[str, Any]:
@@ -182,6 +203,12 @@ class AttributionResult:
         tensors["tokens.clean"] = _pad(self.clean_tokens)
         tensors["tokens.noise"] = _pad(self.noise_tokens)
         tensors["tokens.length"] = torch.tensor([len(t) for t in self.clean_tokens], dtype=torch.int64)
+        for key, value in self.extras.items():
+            tensors[f"extras.{key}"] = value.float().contiguous().cpu()
+        for name, v in self.verified.items():
+            tensors[f"verified.{name}.index"] = v.index.long().contiguous().cpu()
+            tensors[f"verified.{name}.rank"] = v.rank.long().contiguous().cpu()
+            tensors[f"verified.{name}.effects"] = v.effects.float().contiguous().cpu()
         metadata = {
             "atpf.schema": RESULT_SCHEMA,
             "atpf.schema_version": str(RESULT_SCHEMA_VERSION),
@@ -195,17 +222,9 @@ class AttributionResult:
             "atpf.model": json.dumps(self.model, sort_keys=True),
             "atpf.versions": json.dumps(self.versions, sort_keys=True),
             "atpf.created": self.created,
+            "atpf.verification": json.dumps(self.verification, sort_keys=True),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_result(path: str | Path) -> AttributionResult:
@@ -252,6 +271,13 @@ def load_result(path: str | Path) -> AttributionResult:
         versions=json.loads(meta["atpf.versions"]),
         created=meta.get("atpf.created", ""),
         sign_convention=meta.get("atpf.sign_convention", SIGN_CONVENTION),
+        extras={k.removeprefix("extras."): v for k, v in tensors.items() if k.startswith("extras.")},
+        verified={
+            name: VerifiedNodes(tensors[f"verified.{name}.index"], tensors[f"verified.{name}.rank"], tensors[f"verified.{name}.effects"])
+            for name in node_meta
+            if f"verified.{name}.index" in tensors
+        },
+        verification=json.loads(meta.get("atpf.verification", "{}")),
     )
 
 

@@ -211,6 +211,13 @@ class SplicedBackend(AbstractBackend):
         return out
 
     def forward(self, tokens: Tensor, hooks: Mapping[Site, Sequence[SiteHook]]) -> Tensor:
+        return self.inner.forward(tokens, self._plain_hooks(hooks))
+
+    def forward_from(self, layer: int, resid: Tensor, tokens: Tensor, hooks: Mapping[Site, Sequence[SiteHook]]) -> Tensor:
+        return self.inner.forward_from(layer, resid, tokens, self._plain_hooks(hooks))
+
+    def _plain_hooks(self, hooks: Mapping[Site, Sequence[SiteHook]]) -> dict[Site, list[SiteHook]]:
+        """The wrapped backend's hooks: each SAE whose views are hooked is spliced in at its site."""
         plain: dict[Site, list[SiteHook]] = {s: list(fns) for s, fns in hooks.items() if not s.view}
         for sae in self.attached.values():
             latent_fns = list(hooks.get(Site(sae.site.name, sae.site.layer, sae.latents_view), ()))
@@ -221,7 +228,7 @@ class SplicedBackend(AbstractBackend):
             if sae.input_site != sae.site:
                 plain.setdefault(sae.input_site, []).append(_keep_input(inputs))
             plain.setdefault(sae.site, []).insert(0, _splice(sae, latent_fns, error_fns, inputs))
-        return self.inner.forward(tokens, plain)
+        return plain
 
 
 def _keep_input(store: dict[str, Tensor]) -> SiteHook:

@@ -41,7 +41,15 @@ import torch
 from einops import einsum
 from torch import Tensor, nn
 
-from atpframework.backend import AbstractBackend, ModelInfo, SiteHook, resolve_options, tokenize_text, tokenizer_adds_bos
+from atpframework.backend import (
+    AbstractBackend,
+    ModelInfo,
+    SiteHook,
+    resolve_options,
+    start_hooks,
+    tokenize_text,
+    tokenizer_adds_bos,
+)
 from atpframework.bundled import BUNDLED_PREFIX, bundled_model_dir
 from atpframework.errors import BackendError, PlanError
 from atpframework.sites import SITE_NAMES, Site
@@ -455,6 +463,20 @@ class HuggingFaceBackend(AbstractBackend):
             for handle in handles:
                 handle.remove()
 
+    def forward_from(self, layer: int, resid: Tensor, tokens: Tensor, hooks: Mapping[Site, Sequence[SiteHook]]) -> Tensor:
+        skipped = self.adapter.layers()[:layer]
+        saved = [module.__dict__.get("forward") for module in skipped]  # accelerate may have set one
+        try:
+            for module in skipped:  # blocks below the boundary pass their input through untouched
+                module.forward = _pass_hidden_states_through
+            return self.forward(tokens, start_hooks(layer, resid, hooks))
+        finally:
+            for module, forward in zip(skipped, saved):
+                if forward is None:
+                    del module.forward
+                else:
+                    module.forward = forward
+
     def _check_site(self, site: Site) -> None:
         if site.name not in self.supported_sites:
             raise BackendError(f"the huggingface backend cannot hook site {site.name!r}")
@@ -590,6 +612,11 @@ def _residual_write_hook(
         return (written, *output[1:]) if isinstance(output, tuple) else written
 
     return hook
+
+
+def _pass_hidden_states_through(hidden_states: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
+    """Stands in for a skipped decoder layer's ``forward`` (every supported layer returns its hidden states)."""
+    return hidden_states if hidden_states is not None else args[0]
 
 
 def _input_device(model: nn.Module) -> torch.device:

@@ -20,7 +20,15 @@ import torch
 from einops import einsum, rearrange
 from torch import Tensor
 
-from atpframework.backend import AbstractBackend, ModelInfo, SiteHook, resolve_options, tokenize_text, tokenizer_adds_bos
+from atpframework.backend import (
+    AbstractBackend,
+    ModelInfo,
+    SiteHook,
+    resolve_options,
+    start_hooks,
+    tokenize_text,
+    tokenizer_adds_bos,
+)
 from atpframework.bundled import BUNDLED_PREFIX, bundled_model_dir
 from atpframework.errors import BackendError, PlanError
 from atpframework.sites import SITE_NAMES, Site
@@ -170,12 +178,22 @@ class TransformerLensBackend(AbstractBackend):
         }[site.name]
 
     def forward(self, tokens: Tensor, hooks: Mapping[Site, Sequence[SiteHook]]) -> Tensor:
+        return self._run(hooks, tokens.to(self.device))
+
+    def forward_from(self, layer: int, resid: Tensor, tokens: Tensor, hooks: Mapping[Site, Sequence[SiteHook]]) -> Tensor:
+        if self.is_bridge:
+            return super().forward_from(layer, resid, tokens, hooks)
+        hooks = start_hooks(layer, resid, hooks)
+        start = hooks.pop(Site("resid", layer))[0](resid)  # the boundary after its hooks ran
+        return self._run(hooks, start.to(self.device), start_at_layer=layer)  # HookedTransformer skips blocks < layer
+
+    def _run(self, hooks: Mapping[Site, Sequence[SiteHook]], model_input: Tensor, **kwargs: Any) -> Tensor:
         handles = []
         try:
             for site, fns in hooks.items():
                 point = self.model.hook_dict[self.hook_name(site)]
                 handles.append(point.register_forward_hook(self._wrap(site, list(fns))))
-            return self.model(tokens.to(self.device), return_type="logits")
+            return self.model(model_input, return_type="logits", **kwargs)
         finally:
             for handle in handles:
                 handle.remove()

@@ -46,7 +46,7 @@ def test_plan_json_round_trip_is_identical():
     # the canonical JSON holds the defaults too, and keeps the node kinds and their selections
     assert data["schema"] == "atpf.plan/1"
     assert data["model"]["backend"] == "transformer_lens"
-    assert data["method"] == {"name": "activation_patching", "nodes_per_pass": 3}
+    assert data["method"] == {"name": "activation_patching", "nodes_per_pass": 3, "skip_layers": True}
     assert [n["kind"] for n in data["nodes"]] == ["attn_head", "mlp_neuron", "resid"]
     assert data["nodes"][0]["heads"] == "all" and data["nodes"][0]["positions"] == [-1, 2]
     assert data["nodes"][1]["name"] == "neurons_last" and data["nodes"][1]["neurons"] == [0, 5, 7]

@@ -1,0 +1,328 @@
+"""Verification: exact patching of a result's nodes in decreasing estimated score, and the diagnostic
+bound on what the unverified rest could still hide.
+
+``verify`` re-compiles the plan stored in a result, ranks its nodes by the estimate (mean ``|score|``
+over pairs, ties by node order), exact-patches them in that order with ``ExactPatcher`` (all pairs,
+``nodes_per_pass`` nodes per forward pass) and stores the verified effects in the result
+(``AttributionResult.verified``). It stops after ``budget`` nodes, or with ``until_stable`` once the
+last ``patience`` verified nodes left the verified top ``top`` unchanged.
+
+``diagnose`` verifies the top ``verified_top`` nodes (reusing stored verifications), then runs the
+Subsampling algorithm on the remainder (Bernoulli(``p``) subsets patched jointly; the effect of a
+subset is its mean over the prompt pairs) and reports the Welch upper bound on any unverified node's
+``|effect|`` at each confidence, after each sample budget.
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .api import as_plan, load_backend, splice_saes
+from .backend import AbstractBackend
+from .diagnostic import Bound, SubsetStats, welch_bounds
+from .engine import CompiledPlan, batch_runs, compile_plan
+from .errors import PlanError
+from .metrics import resolve_metric
+from .patching import ExactPatcher
+from .recall import ranking_from_scores
+from .results import AttributionResult, VerifiedNodes, load_result, now_utc
+
+ResultLike = AttributionResult | str | Path
+
+
+class _Verifier:
+    """A result's plan compiled against a backend, with one ``ExactPatcher`` per batch (caches kept)."""
+
+    def __init__(self, result: AttributionResult, backend: AbstractBackend | None, model: Any, saes: Mapping[str, Any] | None,
+                 nodes_per_pass: int) -> None:
+        plan = as_plan(result.plan)
+        if plan.metric.name == "custom":
+            raise PlanError("metric.name: results of custom metrics cannot be verified from the file; the metric is not stored")
+        backend = splice_saes(plan, backend or load_backend(plan, model), saes)
+        self.compiled: CompiledPlan = compile_plan(plan, backend)
+        metric = resolve_metric(plan.metric, None)
+        self.patchers = [(list(run.batch.pair_indices), ExactPatcher(run, nodes_per_pass)) for run in batch_runs(self.compiled, backend, metric)]
+        self.n_pairs = len(self.compiled.pairs)
+        first = self.patchers[0][1]
+        self.n_nodes, self.offsets = first.n_nodes, first.offsets
+        self.names = [b.name for b in self.compiled.bound]
+        for name, ns in result.nodes.items():
+            if name not in self.names or tuple(ns.per_pair.shape[1:]) != self.compiled.bound[self.names.index(name)].shape:
+                raise PlanError(f"the result's node selection {name!r} does not match its own plan any more (edited file?)")
+
+    def estimates(self, result: AttributionResult) -> Tensor:
+        """``node``: mean |score| over pairs, in global node order."""
+        return torch.cat([result[name].aggregate("mean_abs").flatten() for name in self.names])
+
+    def single_effects(self, nodes: Tensor) -> Tensor:
+        """``pair node``: exact effect of each global node patched alone."""
+        out = torch.zeros(self.n_pairs, len(nodes))
+        for pairs, patcher in self.patchers:
+            out[pairs] = patcher.single_node_effects(nodes).T
+        return out
+
+    def joint_effects(self, masks: Tensor) -> Tensor:
+        """``set``: mean over all pairs of the effect of patching each mask's global nodes jointly."""
+        total = torch.zeros(len(masks), dtype=torch.float64)
+        for pairs, patcher in self.patchers:
+            effects = patcher.effects([patcher.node_set(m.nonzero().flatten()) for m in masks])  # set batch
+            total += effects.double().sum(dim=1)
+        return total / self.n_pairs
+
+    def forward_equivalents(self) -> float:
+        """Patched rows so far, per prompt pair."""
+        return sum(p.counts.rows for _, p in self.patchers) / self.n_pairs
+
+    def global_index(self, name: str, flat: Tensor) -> Tensor:
+        return flat + self.offsets[self.names.index(name)]
+
+    def store(self, result: AttributionResult, nodes: Tensor, effects: Tensor, ranks: Tensor, info: dict[str, Any]) -> AttributionResult:
+        """``result`` with ``nodes`` (global) verified as ``effects`` (``pair node``) added to what it had."""
+        verified = dict(result.verified)
+        for i, name in enumerate(self.names):
+            lo, hi = self.offsets[i], self.offsets[i + 1]
+            pick = (nodes >= lo) & (nodes < hi)
+            if not pick.any():
+                continue
+            new = VerifiedNodes(nodes[pick] - lo, ranks[pick], effects[:, pick])
+            old = verified.get(name)
+            if old is not None:
+                new = VerifiedNodes(torch.cat([old.index, new.index]), torch.cat([old.rank, new.rank]), torch.cat([old.effects, new.effects], 1))
+            verified[name] = new
+        return dataclasses.replace(result, verified=verified, verification={**result.verification, **info})
+
+
+def _as_result(result: ResultLike) -> AttributionResult:
+    return result if isinstance(result, AttributionResult) else load_result(result)
+
+
+def verified_effects(result: AttributionResult) -> tuple[Tensor, Tensor, Tensor]:
+    """Global node indices, ranks and ``pair node`` effects of every verified node (plan selection order)."""
+    names = list(result.nodes)
+    offsets = [0]
+    for name in names:
+        offsets.append(offsets[-1] + result[name].per_pair[0].numel())
+    parts = [(result.verified[n].index + offsets[i], result.verified[n].rank, result.verified[n].effects)
+             for i, n in enumerate(names) if n in result.verified]
+    if not parts:
+        n_pairs = len(result.metric_clean)
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(n_pairs, 0)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts], 1)
+
+
+def default_threshold(result: AttributionResult) -> float:
+    """5% of the mean |metric(noise) - metric(clean)|: what "confirmed" means unless told otherwise."""
+    return 0.05 * float((result.metric_noise - result.metric_clean).abs().mean())
+
+
+def verify(
+    result: ResultLike,
+    *,
+    budget: int | None = None,
+    until_stable: bool = False,
+    top: int = 20,
+    patience: int | None = None,
+    threshold: float | None = None,
+    nodes_per_pass: int = 64,
+    backend: AbstractBackend | None = None,
+    model: Any = None,
+    saes: Mapping[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> AttributionResult:
+    """Exact-patch a result's nodes in decreasing estimated score; return the result with the effects stored.
+
+    Args:
+        result: a result or its file.
+        budget: how many (not yet verified) nodes to verify.
+        until_stable: instead, verify until the last ``patience`` verified nodes did not change the top ``top``
+            nodes by verified mean |effect| (or every node is verified).
+        top, patience: see ``until_stable``; ``patience`` defaults to ``max(top, nodes_per_pass)``.
+        threshold: a verified node is *confirmed* when its mean |effect| is at least this (default
+            ``default_threshold``: 5% of the mean |metric(noise) - metric(clean)|).
+        nodes_per_pass, backend, model, saes: how to run exact patching (the model defaults to the plan's source).
+        progress: called with the number of nodes verified after each chunk.
+    """
+    result = _as_result(result)
+    return _verify_with(
+        _Verifier(result, backend, model, saes, nodes_per_pass), result, budget, until_stable, top, patience, threshold, progress
+    )
+
+
+def _verify_with(
+    verifier: _Verifier,
+    result: AttributionResult,
+    budget: int | None,
+    until_stable: bool,
+    top: int,
+    patience: int | None,
+    threshold: float | None,
+    progress: Callable[[int], None] | None,
+) -> AttributionResult:
+    nodes_per_pass = verifier.patchers[0][1].sets_per_pass
+    if (budget is None) == (not until_stable):
+        raise PlanError("verify: give either budget (a number of nodes) or until_stable, not both")
+    if budget is not None and budget < 1:
+        raise PlanError(f"verify budget: must be at least 1 (got {budget})")
+    if top < 1:
+        raise PlanError(f"verify top: must be at least 1 (got {top})")
+    patience = max(top, nodes_per_pass) if patience is None else patience
+    if patience < 1:
+        raise PlanError(f"verify patience: must be at least 1 (got {patience})")
+    threshold = default_threshold(result) if threshold is None else threshold
+    order = ranking_from_scores(verifier.estimates(result))
+    done_nodes, done_ranks, done_effects = verified_effects(result)
+    todo = order[~torch.isin(order, done_nodes)]
+    next_rank = int(done_ranks.max()) + 1 if done_ranks.numel() else 0
+    target = len(todo) if budget is None else min(budget, len(todo))
+
+    new_nodes: list[Tensor] = []
+    new_effects: list[Tensor] = []
+    stable_since, top_set, stopped = 0, frozenset(), "every node verified"
+    all_nodes, all_effects = done_nodes, done_effects
+    at = 0
+    while at < target:
+        chunk = todo[at : min(target, at + nodes_per_pass)]
+        effects = verifier.single_effects(chunk)
+        new_nodes.append(chunk)
+        new_effects.append(effects)
+        at += len(chunk)
+        if progress is not None:
+            progress(len(chunk))
+        if until_stable:
+            all_nodes = torch.cat([done_nodes, *new_nodes])
+            all_effects = torch.cat([done_effects, *new_effects], 1)
+            # position (in this run's order) at which each node entered the verified top set
+            for j in range(at - len(chunk), at):
+                strength = all_effects[:, : len(done_nodes) + j + 1].abs().mean(0)
+                current = frozenset(all_nodes[strength.argsort(descending=True)[:top]].tolist())
+                if current != top_set:
+                    top_set, stable_since = current, j + 1
+            if at - stable_since >= patience:
+                stopped = f"stable: the last {at - stable_since} verified nodes left the top {top} unchanged"
+                break
+    else:
+        if budget is not None and target == budget:
+            stopped = f"budget of {budget} nodes spent"
+    nodes = torch.cat(new_nodes) if new_nodes else torch.zeros(0, dtype=torch.long)
+    effects = torch.cat(new_effects, 1) if new_effects else torch.zeros(verifier.n_pairs, 0)
+    ranks = torch.arange(next_rank, next_rank + len(nodes))
+    all_nodes, all_ranks, all_effects = torch.cat([done_nodes, nodes]), torch.cat([done_ranks, ranks]), torch.cat([done_effects, effects], 1)
+    info = {
+        "order": "estimated mean |score| over pairs, descending (ties: plan order)",
+        "verified": int(len(all_nodes)),
+        "of_nodes": verifier.n_nodes,
+        "stopped": stopped,
+        "threshold": threshold,
+        "confirmed": confirmed_counts(all_nodes, all_effects, order, threshold),
+        "forward_equivalents_per_pair": verifier.forward_equivalents(),
+        "created": now_utc(),
+    }
+    return verifier.store(result, nodes, effects, ranks, info)
+
+
+def confirmed_counts(nodes: Tensor, effects: Tensor, order: Tensor, threshold: float) -> dict[str, int]:
+    """For n = 10, 20, 50, 100, ... up to the number verified: how many of the top n estimated nodes have a
+    verified mean |effect| >= threshold (only when all top n are verified)."""
+    strength = dict(zip(nodes.tolist(), effects.abs().mean(0).tolist()))
+    out = {}
+    for n in (10, 20, 50, 100, 200, 500, 1000, 2000, 5000):
+        head = order[:n].tolist()
+        if len(head) < n and n > 10 or not all(g in strength for g in head):
+            break
+        out[f"top_{n}"] = sum(strength[g] >= threshold for g in head)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnosis:
+    """What ``diagnose`` found."""
+
+    verified_top: int
+    remainder: int
+    """Unverified nodes the bound covers."""
+    p: float
+    bounds: dict[float, list[tuple[int, float]]]
+    """Confidence -> (samples so far, upper bound on any unverified node's |effect|) after each budget."""
+    worst_node: dict[float, int]
+    """Confidence -> the global node index attaining the final bound."""
+    verified_effects: Tensor
+    """``verified``: mean |effect| of the verified nodes, descending."""
+    forward_equivalents_per_pair: float
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "verified_top": self.verified_top, "remainder": self.remainder, "p": self.p,
+            "bounds": {str(c): [[n, t] for n, t in b] for c, b in self.bounds.items()},
+            "worst_node": {str(c): n for c, n in self.worst_node.items()},
+            "largest_verified_effect": float(self.verified_effects[0]) if len(self.verified_effects) else None,
+            "forward_equivalents_per_pair": self.forward_equivalents_per_pair,
+        }
+
+
+def diagnose(
+    result: ResultLike,
+    *,
+    verified_top: int,
+    samples: Sequence[int],
+    confidences: Sequence[float] = (0.9, 0.99),
+    p: float = 0.5,
+    seed: int = 0,
+    nodes_per_pass: int = 64,
+    backend: AbstractBackend | None = None,
+    model: Any = None,
+    saes: Mapping[str, Any] | None = None,
+) -> tuple[AttributionResult, Diagnosis]:
+    """Bound the effect of every node outside the estimated top ``verified_top`` (see module docstring).
+
+    ``samples``: increasing sample budgets; the bound is reported after each (sampling continues).
+    Returns the result (with any newly verified nodes stored) and the diagnosis.
+    """
+    result = _as_result(result)
+    samples = sorted(set(samples))
+    if not samples or samples[0] < 4:
+        raise PlanError(f"diagnose samples: each budget must be at least 4 (got {list(samples)})")
+    if not 0 < p < 1:
+        raise PlanError(f"diagnose p: must lie strictly between 0 and 1 (got {p})")
+    bad = [c for c in confidences if not 0 < c < 1]
+    if bad or not confidences:
+        raise PlanError(f"diagnose confidence: each must lie strictly between 0 and 1 (got {list(confidences)})")
+    verifier = _Verifier(result, backend, model, saes, nodes_per_pass)
+    if not 0 <= verified_top < verifier.n_nodes:
+        raise PlanError(f"diagnose verified_top: must be in 0..{verifier.n_nodes - 1}, fewer than the {verifier.n_nodes} nodes")
+    order = ranking_from_scores(verifier.estimates(result))
+    head, remainder = order[:verified_top], order[verified_top:]
+    done, _, _ = verified_effects(result)
+    missing = int((~torch.isin(head, done)).sum())
+    if missing:
+        result = _verify_with(verifier, result, missing, False, 20, None, None, None)
+    nodes, _, effects = verified_effects(result)
+    in_head = torch.isin(nodes, head)
+    head_effects = effects[:, in_head].abs().mean(0).sort(descending=True).values
+    cost_before = verifier.forward_equivalents()
+
+    generator = torch.Generator().manual_seed(seed)
+    stats = SubsetStats.zeros(len(remainder))
+    bounds: dict[float, list[tuple[int, float]]] = {c: [] for c in confidences}
+    worst: dict[float, int] = {}
+    drawn = 0
+    for budget in samples:
+        while drawn < budget:
+            n = min(nodes_per_pass, budget - drawn)
+            local = torch.rand(n, len(remainder), generator=generator) < p
+            masks = torch.zeros(n, verifier.n_nodes, dtype=torch.bool)
+            masks[:, remainder] = local
+            stats.update(local, verifier.joint_effects(masks))
+            drawn += n
+        for bound in welch_bounds(stats, confidences):
+            bounds[bound.confidence].append((drawn, bound.theta))
+            worst[bound.confidence] = int(remainder[bound.node]) if bound.node is not None else -1
+    diagnosis = Diagnosis(
+        verified_top, len(remainder), p, bounds, worst, head_effects,
+        verifier.forward_equivalents() - cost_before,
+    )
+    return result, diagnosis
+
