@@ -22,7 +22,7 @@ import heapq
 
 import torch
 
-from .diagnostic import SubsetStats, subsampling_estimates
+from .diagnostic import SubsetStats, subset_masks, subsampling_estimates
 from .engine import BatchRun, BatchScores, CompiledPlan, PassStep
 from .methods import AbstractMethod
 from .patching import ExactPatcher
@@ -61,9 +61,7 @@ class Subsampling(AbstractMethod):
         patcher = ExactPatcher(run, spec.sets_per_pass)  # type: ignore[union-attr]
         generator = torch.Generator().manual_seed(spec.seed + run.batch.pair_indices[0])  # type: ignore[union-attr]
         stats = [SubsetStats.zeros(patcher.n_nodes) for _ in range(patcher.n_batch)]
-        for lo in range(0, spec.samples, spec.sets_per_pass):  # type: ignore[union-attr]
-            n = min(spec.sets_per_pass, spec.samples - lo)  # type: ignore[union-attr]
-            masks = torch.rand(n, patcher.n_nodes, generator=generator) < spec.p  # type: ignore[union-attr]
+        for masks in subset_masks(patcher.n_nodes, spec.samples, spec.p, generator, spec.sets_per_pass):  # type: ignore[union-attr]
             effects = patcher.effects([patcher.node_set(m.nonzero().flatten()) for m in masks])  # set batch
             for pair, pair_stats in enumerate(stats):
                 pair_stats.update(masks, effects[:, pair])

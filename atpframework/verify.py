@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .api import as_plan, load_backend, splice_saes
 from .backend import AbstractBackend
-from .diagnostic import Bound, SubsetStats, welch_bounds
+from .diagnostic import SubsetStats, subsample, welch_bounds
 from .engine import CompiledPlan, batch_runs, compile_plan
 from .errors import PlanError
 from .metrics import resolve_metric
@@ -101,7 +101,7 @@ def _as_result(result: ResultLike) -> AttributionResult:
 
 
 def verified_effects(result: AttributionResult) -> tuple[Tensor, Tensor, Tensor]:
-    """Global node indices, ranks and ``pair node`` effects of every verified node (plan selection order)."""
+    """Global node indices, ranks and ``pair node`` effects of every verified node, in verification order."""
     names = list(result.nodes)
     offsets = [0]
     for name in names:
@@ -111,7 +111,9 @@ def verified_effects(result: AttributionResult) -> tuple[Tensor, Tensor, Tensor]
     if not parts:
         n_pairs = len(result.metric_clean)
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(n_pairs, 0)
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts], 1)
+    nodes, ranks, effects = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts], 1)
+    order = ranks.argsort()
+    return nodes[order], ranks[order], effects[:, order]
 
 
 def default_threshold(result: AttributionResult) -> float:
@@ -308,18 +310,17 @@ def diagnose(
     stats = SubsetStats.zeros(len(remainder))
     bounds: dict[float, list[tuple[int, float]]] = {c: [] for c in confidences}
     worst: dict[float, int] = {}
-    drawn = 0
+
+    def evaluate(local: Tensor) -> Tensor:  # sample remainder -> sample
+        masks = torch.zeros(len(local), verifier.n_nodes, dtype=torch.bool)
+        masks[:, remainder] = local
+        return verifier.joint_effects(masks)
+
     for budget in samples:
-        while drawn < budget:
-            n = min(nodes_per_pass, budget - drawn)
-            local = torch.rand(n, len(remainder), generator=generator) < p
-            masks = torch.zeros(n, verifier.n_nodes, dtype=torch.bool)
-            masks[:, remainder] = local
-            stats.update(local, verifier.joint_effects(masks))
-            drawn += n
+        subsample(evaluate, len(remainder), budget - stats.n_samples, p, generator, nodes_per_pass, stats)
         for bound in welch_bounds(stats, confidences):
-            bounds[bound.confidence].append((drawn, bound.theta))
-            worst[bound.confidence] = int(remainder[bound.node]) if bound.node is not None else -1
+            bounds[bound.confidence].append((stats.n_samples, bound.theta))
+            worst[bound.confidence] = int(remainder[bound.node])
     diagnosis = Diagnosis(
         verified_top, len(remainder), p, bounds, worst, head_effects,
         verifier.forward_equivalents() - cost_before,
