@@ -148,7 +148,9 @@ def test_forward_from_each_boundary_reproduces_the_full_forward(tmp_path):
                 restarted = backend.forward_from(layer, resid[layer], TOKENS, later)
                 torch.testing.assert_close(restarted, full, rtol=0, atol=1e-5, msg=f"{name} from layer {layer}")
                 torch.testing.assert_close(seen[0], resid[n], rtol=0, atol=1e-5, msg=f"{name} final boundary")
-                bumped = backend.forward_from(layer, resid[layer], TOKENS, {Site("resid", layer): [lambda a: a + 1.0]})
+                # not a constant shift: LayerNorm models cannot see one
+                bump = torch.linspace(-1.0, 1.0, backend.info.d_model)
+                bumped = backend.forward_from(layer, resid[layer], TOKENS, {Site("resid", layer): [lambda a: a + bump]})
                 assert (bumped - full).abs().max() > 1e-3, f"{name}: hooks on the start boundary must act on it"
 
 
