@@ -212,7 +212,7 @@ def _verify_with(
     nodes = torch.cat(new_nodes) if new_nodes else torch.zeros(0, dtype=torch.long)
     effects = torch.cat(new_effects, 1) if new_effects else torch.zeros(verifier.n_pairs, 0)
     ranks = torch.arange(next_rank, next_rank + len(nodes))
-    all_nodes, all_ranks, all_effects = torch.cat([done_nodes, nodes]), torch.cat([done_ranks, ranks]), torch.cat([done_effects, effects], 1)
+    all_nodes, all_effects = torch.cat([done_nodes, nodes]), torch.cat([done_effects, effects], 1)
     info = {
         "order": "estimated mean |score| over pairs, descending (ties: plan order)",
         "verified": int(len(all_nodes)),

@@ -36,8 +36,10 @@ same suite on a GPU in bfloat16 with larger shapes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
+import io
 import json
 import math
 import os
@@ -252,7 +254,7 @@ def memory_supported(device: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------- naive GradDrop
 class _Gate(torch.autograd.Function):
-    """Identity forward; backward multiplies by ``open_`` (0 stops the gradient through the write)."""
+    """Identity forward; backward passes the gradient while ``gate[layer]`` is open and zeros it when closed."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, gate: list[bool], layer: int) -> torch.Tensor:  # type: ignore[override]
@@ -395,9 +397,6 @@ def measure_patching(model: Any, settings: Settings) -> dict[str, Any]:
 
     def atpframework_patching() -> None:
         ours["scores"] = get_method("activation_patching").run_batch(run).scores
-
-    import contextlib
-    import io
 
     with contextlib.redirect_stderr(io.StringIO()):  # TL's progress bars
         t = medians({"transformer_lens.patching": transformer_lens_patching, "atpframework": atpframework_patching},

@@ -121,8 +121,7 @@ def test_model_info(model_dirs):
     assert described == {
         "gpt2": ("GPT2LMHeadModel", 2, 4, 4, 8, 128, D_VOCAB, "standard", "LN", False),
         "llama": ("LlamaForCausalLM", 2, 4, 2, 8, 48, D_VOCAB, "rotary", "RMS", False),
-        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_TINY, hidden_size=32, intermediate_size=48, num_key_value_heads=2), 8.0),
-    "neox_parallel": ("GPTNeoXForCausalLM", 2, 4, 4, 8, 48, D_VOCAB, "rotary", "LN", True),
+        "neox_parallel": ("GPTNeoXForCausalLM", 2, 4, 4, 8, 48, D_VOCAB, "rotary", "LN", True),
         "neox_sequential": ("GPTNeoXForCausalLM", 2, 4, 4, 8, 48, D_VOCAB, "rotary", "LN", False),
         "gemma2": ("Gemma2ForCausalLM", 2, 4, 2, 8, 48, D_VOCAB, "rotary", "RMS", False),
         "qwen2": ("Qwen2ForCausalLM", 2, 4, 2, 8, 48, D_VOCAB, "rotary", "RMS", False),
