@@ -4,9 +4,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from . import distributed as parallel
 from . import plugins
 from .backend import AbstractBackend
-from .engine import CompiledPlan, compile_plan, execute
+from .checkpoint import Checkpoint
+from .engine import CompiledPlan, assemble, compile_plan, run_batches
 from .errors import PlanError, PluginError
 from .methods import get_method
 from .metrics import Metric, resolve_metric
@@ -26,8 +28,9 @@ def as_plan(plan: PlanLike) -> AttributionPlan:
     return parse_plan(plan)
 
 
-def load_backend(plan: AttributionPlan, model: Any = None, tokenizer: Any = None) -> AbstractBackend:
-    """Instantiate the plan's backend, around ``model`` if given, else from ``plan.model.source``."""
+def load_backend(plan: AttributionPlan, model: Any = None, tokenizer: Any = None, device: str | None = None) -> AbstractBackend:
+    """Instantiate the plan's backend, around ``model`` if given, else from ``plan.model.source``
+    (on ``device`` instead of the plan's, when given)."""
     try:
         backend_cls = plugins.load("backends", plan.model.backend)
     except PluginError as err:
@@ -35,7 +38,7 @@ def load_backend(plan: AttributionPlan, model: Any = None, tokenizer: Any = None
     if model is not None:
         return backend_cls.from_model(model, tokenizer=tokenizer)
     spec = plan.model
-    return backend_cls.load(spec.source, dtype=spec.dtype, device=spec.device, options=spec.options)
+    return backend_cls.load(spec.source, dtype=spec.dtype, device=device or spec.device, options=spec.options)
 
 
 def splice_saes(plan: AttributionPlan, backend: AbstractBackend, saes: Mapping[str, Any] | None = None) -> AbstractBackend:
@@ -68,6 +71,8 @@ def run(
     output: str | Path | None = None,
     progress: Callable[[int], None] | None = None,
     saes: Mapping[str, Any] | None = None,
+    distributed: bool | None = None,
+    resume: bool | None = None,
 ) -> AttributionResult:
     """Run an attribution plan and return its result; save it if ``output`` or ``plan.output`` is set.
 
@@ -80,12 +85,35 @@ def run(
         output: result path; overrides ``plan.output``.
         progress: called with the number of pairs finished after each batch.
         saes: SAE objects (e.g. sae_lens ``SAE``) for plan ``saes`` entries without a path or release, by name.
+        distributed: shard the batches over the processes of a ``torchrun`` launch (see
+            ``atpframework.distributed``); every rank returns the full result and rank 0 alone saves it.
+            Default: when launched with more than one process.
+        resume: checkpoint finished batches next to the output and pick them up when the same plan is
+            run again (``atpframework.checkpoint``). Default: on when the plan alone describes the run
+            (an output, and no ``model``, ``backend``, ``metric`` or ``saes`` objects passed in).
     """
     plan = as_plan(plan)
     metric_fn = resolve_metric(plan.metric, metric)
-    backend = splice_saes(plan, backend or load_backend(plan, model, tokenizer), saes)
+    backend_given = backend
+    group = None
+    if distributed or (distributed is None and parallel.launched()):
+        group = parallel.join(plan.model.device)
+    device = parallel.device_for_rank(plan.model.device, group) if group is not None else None
+    backend = splice_saes(plan, backend or load_backend(plan, model, tokenizer, device), saes)
     compiled = compile_plan(plan, backend)
-    executed = execute(compiled, backend, metric_fn, progress)
+    target = output if output is not None else plan.output
+    if resume is None:
+        resume = model is None and backend_given is None and metric is None and not saes
+    from . import __version__
+
+    checkpoint = Checkpoint(target, plan.to_json(), __version__) if resume and target is not None else None
+    finished = checkpoint.finished() if checkpoint is not None else None
+    on_batch = checkpoint.save if checkpoint is not None else None
+    if group is None:
+        executed = assemble(compiled, run_batches(compiled, backend, metric_fn, progress, None, finished, on_batch))
+    else:
+        mine = run_batches(compiled, backend, metric_fn, progress, parallel.shard(len(compiled.batches), group), finished, on_batch)
+        executed = assemble(compiled, parallel.all_outputs(mine, group))
     result = AttributionResult(
         nodes={b.name: _node_scores(b, executed.scores[b.name]) for b in compiled.bound},
         metric_clean=executed.metric_clean,
@@ -101,9 +129,10 @@ def run(
         versions=package_versions(),
         created=now_utc(),
     )
-    target = output if output is not None else plan.output
-    if target is not None:
+    if target is not None and (group is None or group.is_main):
         result.save(target)
+        if checkpoint is not None:
+            checkpoint.remove()
     return result
 
 

@@ -1,6 +1,6 @@
 """The ``atpf`` command line.
 
-    atpf PLAN.json [-o OUT] [--dry-run] [--debug]   run a plan (or print its compiled passes)
+    atpf PLAN.json [-o OUT] [--dry-run] [--distributed] [--debug]   run a plan (or print its compiled passes)
     atpf show RESULT [--top N] [--aggregate mean_abs|mean]
     atpf verify RESULT (--budget N | --until-stable) [--top K] [--threshold X] [-o OUT]
     atpf diagnose RESULT --verified-top K --samples M[,M2..] [--confidence 0.9,0.99] [--plot PNG]
@@ -71,10 +71,13 @@ def main() -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Result file (.safetensors); overrides the plan's output.")
 @click.option("--dry-run", is_flag=True, help="Print the compiled passes and sites, run nothing.")
 @click.option("--top", default=10, show_default=True, help="How many top nodes to print after the run.")
+@click.option("--distributed", is_flag=True,
+              help="Shard the prompt pairs over the processes of a torchrun launch (the default under torchrun).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def run_command(plan_path: str, output: str | None, dry_run: bool, top: int, debug: bool) -> None:
+def run_command(plan_path: str, output: str | None, dry_run: bool, top: int, distributed: bool, debug: bool) -> None:
     """Run the attribution plan PLAN.json and write its result file."""
     from . import api
+    from . import distributed as parallel
 
     def action() -> None:
         plan = api.as_plan(plan_path)
@@ -83,14 +86,28 @@ def run_command(plan_path: str, output: str | None, dry_run: bool, top: int, deb
             raise PlanError("output: the plan has no 'output' path; give one in the plan or with -o OUT.safetensors")
         started = time.perf_counter()
         _quiet_model_libraries()
-        backend = api.load_backend(plan)
+        group = parallel.join(plan.model.device) if (distributed or parallel.launched()) and not dry_run else None
+        main_rank = group is None or group.is_main
+        device = parallel.device_for_rank(plan.model.device, group) if group is not None else None
+        backend = api.load_backend(plan, device=device)
         compiled = api.compile(plan, backend=backend)
         if dry_run:
             click.echo(compiled.explain())
             return
+        if not main_rank:  # one voice: rank 0 reports and writes
+            api.run(plan, backend=backend, output=target, distributed=True, resume=True)
+            parallel.leave()
+            return
         click.echo(f"loaded {backend.info.source} in {time.perf_counter() - started:.1f}s", err=True)
-        with click.progressbar(length=len(compiled.pairs), label="prompt pairs", file=sys.stderr) as bar:
-            result = api.run(plan, backend=backend, output=target, progress=bar.update)
+        label, length = "prompt pairs", len(compiled.pairs)
+        if group is not None:
+            mine = parallel.shard(len(compiled.batches), group)
+            length = sum(len(compiled.batches[i].pair_indices) for i in mine)
+            label = f"prompt pairs (rank 0 of {group.world}; {len(compiled.pairs)} in all)"
+        with click.progressbar(length=length, label=label, file=sys.stderr) as bar:
+            result = api.run(plan, backend=backend, output=target, progress=bar.update, distributed=group is not None, resume=True)
+        if group is not None:
+            parallel.leave()  # rank 0 has written the file
         click.echo(_format_top(result, top, "mean_abs"))
         click.echo(f"wrote {target} ({time.perf_counter() - started:.1f}s)")
 

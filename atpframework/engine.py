@@ -6,7 +6,7 @@ serve. The ``CompiledPlan`` it returns lists the passes each batch will run (``e
 ``atpf PLAN --dry-run`` prints). ``execute`` runs the method on each batch and assembles the result.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -289,17 +289,76 @@ class Executed:
     metric_noise: Tensor
 
 
-def execute(
+@dataclass
+class BatchOutput:
+    """One batch's finished scores on the CPU, ready to be assembled (or sent to another process)."""
+
+    pair_indices: list[int]
+    scores: dict[str, Tensor]
+    """Result name -> ``batch layer *axes`` (dense selections)."""
+    sparse: dict[str, tuple[Tensor, Tensor]]
+    """Result name -> ``keep_top`` (indices, values) (selections with ``keep_top``)."""
+    extras: dict[str, Tensor]
+    metric_clean: Tensor
+    metric_noise: Tensor
+
+
+def run_batches(
     compiled: CompiledPlan,
     backend: AbstractBackend,
     metric: Metric,
     progress: Callable[[int], None] | None = None,
-) -> Executed:
-    """Run every batch and gather per-pair scores, extras, and clean and noise metric values."""
+    batches: Sequence[int] | None = None,
+    finished: Mapping[int, BatchOutput] | None = None,
+    on_batch: Callable[[int, BatchOutput], None] | None = None,
+) -> list[BatchOutput]:
+    """Run the plan's batches (all, or those numbered in ``batches``) and move their outputs to the CPU.
+
+    ``finished``: outputs of batches already run (by batch number), taken instead of running them
+    again; ``on_batch(number, output)`` is called after each batch this call runs (checkpointing).
+    """
     from .methods import get_method
 
     method = get_method(compiled.plan.method.name)
+    wanted = None if batches is None else set(batches)
+    outputs = []
+    for number, run in enumerate(batch_runs(compiled, backend, metric)):
+        if wanted is not None and number not in wanted:
+            continue
+        idx = list(run.batch.pair_indices)
+        if finished and number in finished:
+            if finished[number].pair_indices != idx:
+                raise RuntimeError(f"checkpointed batch {number} holds pairs {finished[number].pair_indices}, not {idx}")
+            outputs.append(finished[number])
+            if progress is not None:
+                progress(len(idx))
+            continue
+        out = method.run_batch(run)
+        dense, sparse = {}, {}
+        for b in run.batch.bound:
+            value = out.scores[b.name].detach().float().cpu()
+            keep = getattr(b.spec, "keep_top", None)
+            if keep is None:
+                dense[b.name] = value
+            else:
+                sparse[b.name] = keep_top(value, idx, keep, getattr(b.spec, "keep_top_per", "selection"))
+        outputs.append(BatchOutput(
+            idx, dense, sparse, {k: v.detach().float().cpu() for k, v in (out.extras or {}).items()},
+            out.metric_clean.detach().float().cpu(), out.metric_noise.detach().float().cpu(),
+        ))
+        if on_batch is not None:
+            on_batch(number, outputs[-1])
+        if progress is not None:
+            progress(len(idx))
+    return outputs
+
+
+def assemble(compiled: CompiledPlan, outputs: Sequence[BatchOutput]) -> Executed:
+    """Per-pair tensors from batch outputs (any order; every pair of the plan exactly once)."""
     n = len(compiled.pairs)
+    covered = sorted(i for out in outputs for i in out.pair_indices)
+    if covered != list(range(n)):
+        raise RuntimeError(f"batch outputs cover pairs {covered}, not each of the plan's {n} pairs once")
     scores = {
         b.name: torch.zeros((n,) + b.shape, dtype=torch.float32)
         for b in compiled.bound
@@ -309,30 +368,34 @@ def execute(
     metric_clean = torch.zeros(n, dtype=torch.float32)
     metric_noise = torch.zeros(n, dtype=torch.float32)
     extras: dict[str, Tensor] = {}
-    for run in batch_runs(compiled, backend, metric):
-        idx = list(run.batch.pair_indices)
-        out = method.run_batch(run)
-        for b in run.batch.bound:
-            value = out.scores[b.name].detach().float().cpu()
-            keep = getattr(b.spec, "keep_top", None)
-            if keep is None:
-                scores[b.name][idx] = value
-            else:
-                sparse.setdefault(b.name, []).append(keep_top(value, idx, keep, getattr(b.spec, "keep_top_per", "selection")))
-        for key, value in (out.extras or {}).items():
+    for out in outputs:
+        idx = out.pair_indices
+        for name, value in out.scores.items():
+            scores[name][idx] = value
+        for name, part in out.sparse.items():
+            sparse.setdefault(name, []).append(part)
+        for key, value in out.extras.items():
             if key not in extras:
                 extras[key] = torch.zeros((n,) + tuple(value.shape[1:]), dtype=torch.float32)
-            extras[key][idx] = value.detach().float().cpu()
-        metric_clean[idx] = out.metric_clean.detach().float().cpu()
-        metric_noise[idx] = out.metric_noise.detach().float().cpu()
-        if progress is not None:
-            progress(len(idx))
+            extras[key][idx] = value
+        metric_clean[idx] = out.metric_clean
+        metric_noise[idx] = out.metric_noise
     for b in compiled.bound:
         if b.name in sparse:
             indices = torch.cat([part[0] for part in sparse[b.name]], dim=1)
             values = torch.cat([part[1] for part in sparse[b.name]])
             scores[b.name] = torch.sparse_coo_tensor(indices, values, (n,) + b.shape, check_invariants=True).coalesce()
     return Executed(scores, extras, metric_clean, metric_noise)
+
+
+def execute(
+    compiled: CompiledPlan,
+    backend: AbstractBackend,
+    metric: Metric,
+    progress: Callable[[int], None] | None = None,
+) -> Executed:
+    """Run every batch and gather per-pair scores, extras, and clean and noise metric values."""
+    return assemble(compiled, run_batches(compiled, backend, metric, progress))
 
 
 def keep_top(value: Tensor, pair_indices: list[int], k: int, per: str) -> tuple[Tensor, Tensor]:
