@@ -3,7 +3,8 @@
 ``compile_plan`` is where every check that can fail before a pass runs lives: tokenization and
 equal-length pairs, answer tokens, node selections bound to model sizes, sites the backend must
 serve. The ``CompiledPlan`` it returns lists the passes each batch will run (``explain()``, which
-``atpf PLAN --dry-run`` prints). ``execute`` runs the method on each batch and assembles the result.
+``atpf PLAN --dry-run`` prints). ``run_batches`` runs the method on each batch (all, or one process's
+share) and ``assemble`` turns the batch outputs into per-pair tensors.
 """
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -279,7 +280,7 @@ def batch_runs(compiled: CompiledPlan, backend: AbstractBackend, metric: Metric)
 
 @dataclass
 class Executed:
-    """Everything ``execute`` gathered over the batches, pairs first."""
+    """Everything ``assemble`` gathered from the batches, pairs first."""
 
     scores: dict[str, Tensor]
     """Result name -> ``pair layer *axes`` (sparse COO for selections with ``keep_top``)."""
@@ -386,16 +387,6 @@ def assemble(compiled: CompiledPlan, outputs: Sequence[BatchOutput]) -> Executed
             values = torch.cat([part[1] for part in sparse[b.name]])
             scores[b.name] = torch.sparse_coo_tensor(indices, values, (n,) + b.shape, check_invariants=True).coalesce()
     return Executed(scores, extras, metric_clean, metric_noise)
-
-
-def execute(
-    compiled: CompiledPlan,
-    backend: AbstractBackend,
-    metric: Metric,
-    progress: Callable[[int], None] | None = None,
-) -> Executed:
-    """Run every batch and gather per-pair scores, extras, and clean and noise metric values."""
-    return assemble(compiled, run_batches(compiled, backend, metric, progress))
 
 
 def keep_top(value: Tensor, pair_indices: list[int], k: int, per: str) -> tuple[Tensor, Tensor]:

@@ -467,6 +467,14 @@ def _verdict(value: float | None, target: float, higher_is_better: bool) -> str:
     return "meets" if ok else "MISSES"
 
 
+def _row(model: str, label: str, value: str, target: float | None = None, numeric: float | None = None,
+         higher_is_better: bool = False) -> str:
+    if target is None:
+        return f"| {model} | {label} | {value} | | |"
+    sign = "≥" if higher_is_better else "≤"
+    return f"| {model} | {label} | {value} | {sign} {target} | {_verdict(numeric, target, higher_is_better)} |"
+
+
 def report(results: dict[str, Any]) -> str:
     lines = [f"# atpframework benchmark suite ({results['machine']['device']}, {results['settings']['dtype']}, "
              f"torch threads {results['machine']['torch_threads']}, medians of {results['settings']['repeats']})", ""]
@@ -474,23 +482,28 @@ def report(results: dict[str, Any]) -> str:
     for name, r in results["models"].items():
         if "overhead" in r:
             o = r["overhead"]
-            lines.append(f"| {name} | atp / bare (backward to inputs) | {_fmt(o['atp/bare'])} | ≤ {o['target']} | {_verdict(o['atp/bare'], o['target'], False)} |")
-            lines.append(f"| {name} | atp / bare (backward into weights) | {_fmt(o['atp/bare_weights'])} | | |")
+            lines.append(_row(name, "atp / bare (backward to inputs)", _fmt(o["atp/bare"]), o["target"], o["atp/bare"]))
+            lines.append(_row(name, "atp / bare (backward into weights)", _fmt(o["atp/bare_weights"])))
         if "atp_star" in r:
             a = r["atp_star"]
-            lines.append(f"| {name} | atp_star / bare | {_fmt(a['atp_star/bare'])} | | |")
-            lines.append(f"| {name} | atp_star / (2F + (1 + L/2)B) | {_fmt(a['atp_star/cost_model'])} | ≤ {a['target_vs_cost_model']} | {_verdict(a['atp_star/cost_model'], a['target_vs_cost_model'], False)} |")
-            lines.append(f"| {name} | naive GradDrop / atp_star | {_fmt(a['naive/atp_star'])} | ≥ {a['target_vs_naive']} | {_verdict(a['naive/atp_star'], a['target_vs_naive'], True)} |")
-            lines.append(f"| {name} | naive GradDrop / atp_graddrop | {_fmt(a['naive/atp_graddrop'])} | | |")
-            lines.append(f"| {name} | GradDrop: max diff from naive (scale) | {_fmt(a['graddrop_max_diff'], '.1e')} ({_fmt(a['graddrop_scale'], '.2g')}) | | |")
+            lines.append(_row(name, "atp_star / bare", _fmt(a["atp_star/bare"])))
+            lines.append(_row(name, "atp_star / (2F + (1 + L/2)B)", _fmt(a["atp_star/cost_model"]),
+                              a["target_vs_cost_model"], a["atp_star/cost_model"]))
+            lines.append(_row(name, "naive GradDrop / atp_star", _fmt(a["naive/atp_star"]),
+                              a["target_vs_naive"], a["naive/atp_star"], higher_is_better=True))
+            lines.append(_row(name, "naive GradDrop / atp_graddrop", _fmt(a["naive/atp_graddrop"])))
+            lines.append(_row(name, "GradDrop: max diff from naive (scale)",
+                              f"{_fmt(a['graddrop_max_diff'], '.1e')} ({_fmt(a['graddrop_scale'], '.2g')})"))
         if "patching" in r:
             p = r["patching"]
-            lines.append(f"| {name} | exact patching speed-up over transformer_lens.patching ({p['n_nodes']} nodes) | {_fmt(p['speedup'], '.1f')} | ≥ {p['target']} | {_verdict(p['speedup'], p['target'], True)} |")
-            lines.append(f"| {name} | exact patching: max diff from TL (scale) | {_fmt(p['max_diff'], '.1e')} ({_fmt(p['scale'], '.2g')}) | | |")
+            lines.append(_row(name, f"exact patching speed-up over transformer_lens.patching ({p['n_nodes']} nodes)",
+                              _fmt(p["speedup"], ".1f"), p["target"], p["speedup"], higher_is_better=True))
+            lines.append(_row(name, "exact patching: max diff from TL (scale)",
+                              f"{_fmt(p['max_diff'], '.1e')} ({_fmt(p['scale'], '.2g')})"))
         if "memory" in r:
             m = r["memory"]
-            lines.append(f"| {name} | peak memory atp / bare | {_fmt(m['atp/bare'])} | | |")
-            lines.append(f"| {name} | peak memory atp_star / bare | {_fmt(m['atp_star/bare'])} | ≤ {m['target']} | {_verdict(m['atp_star/bare'], m['target'], False)} |")
+            lines.append(_row(name, "peak memory atp / bare", _fmt(m["atp/bare"])))
+            lines.append(_row(name, "peak memory atp_star / bare", _fmt(m["atp_star/bare"]), m["target"], m["atp_star/bare"]))
     if "scaling" in results:
         lines += ["", f"Scaling (model `{results['settings']['scaling_model']}`; exponent e of each step: time ∝ size^e)", "",
                   "| grows | size | atp s | atp_star s | e(atp) | e(atp_star) | atp MB | atp_star MB | e_mem(atp_star) |",
