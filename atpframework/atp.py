@@ -22,8 +22,9 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from .attention import CleanAttention, clean_attention, joint_key_effects, key_effects, key_patch, query_delta_z
+from .attention import ROW_BLOCK, KeyPatch, clean_attention, joint_key_delta_z, joint_key_effects, key_effects, key_patch, query_delta_z
 from .backend import AbstractBackend, SiteHook
+from .chunking import ELEMENT_BYTES, graph_elements, node_positions, position_chunks, site_width, take_positions
 from .engine import BatchRun, BatchScores, CompiledPlan, PassStep
 from .errors import BackendError, PlanError
 from .graddrop import DropTerm, drop_terms
@@ -33,7 +34,9 @@ from .results import GRADDROP_CONVENTION
 from .sites import Site
 
 QK_SITES = ("attn_q", "attn_k")
-Mode = Literal["grad", "query", "key"]
+Mode = Literal["grad", "query", "key", "joint"]
+"""How a node selection is scored when the gradient at its site arrives: ``grad`` (delta . gradient), or the
+QK fix for queries, keys one at a time, and keys patched jointly (``positions: "all"``)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class _Layout:
     contributors: dict[Site, list[tuple[BoundNodes, Mode]]]
     """Gradient site -> the node selections scored when its gradient arrives, and how."""
     qk_layers: tuple[int, ...]
+    joint_layers: tuple[int, ...]
+    """Layers with keys patched jointly: their noise keys are kept at every position."""
     value_sites: tuple[Site, ...]
     """Clean activations the QK fix reads (q, k, v at its layers)."""
     floor: tuple[Site, ...]
@@ -73,12 +78,16 @@ class FirstOrder(AbstractMethod):
     def layout(self, compiled: CompiledPlan) -> _Layout:
         contributors: dict[Site, list[tuple[BoundNodes, Mode]]] = defaultdict(list)
         qk_layers: set[int] = set()
+        joint_layers: set[int] = set()
         for b in compiled.bound:
             for layer in sorted({layer for entry in b.layers.entries for layer in entry}):
                 site = b.site(layer)
                 if self.qk_fix and site.name in QK_SITES and not site.view:
-                    contributors[Site("attn_z", layer)].append((b, "query" if site.name == "attn_q" else "key"))
+                    mode: Mode = "query" if site.name == "attn_q" else "joint" if _all_positions(b) else "key"
+                    contributors[Site("attn_z", layer)].append((b, mode))
                     qk_layers.add(layer)
+                    if mode == "joint":
+                        joint_layers.add(layer)
                 else:
                     contributors[site].append((b, "grad"))
         grad_sites = sorted(contributors)
@@ -90,7 +99,41 @@ class FirstOrder(AbstractMethod):
             i for i in reversed(range(len(terms))) if any(terms[i].relation(s) == "reached" for s in grad_sites)
         )
         above = {s: sum(t.relation(s) == "above" for t in terms) for s in grad_sites}
-        return _Layout(dict(contributors), tuple(sorted(qk_layers)), values, floor, terms, active, above)
+        return _Layout(
+            dict(contributors), tuple(sorted(qk_layers)), tuple(sorted(joint_layers)), values, floor, terms, active, above
+        )
+
+    chunks_positions = True
+
+    def working_memory(self, compiled: CompiledPlan, pairs: int, seq_len: int, positions: int) -> int:
+        """The clean forward's autograd graph, plus per chunk of ``positions``: the noise activations and
+        differences at the gradient sites, the QK-fix tables (``query chunk``-sized; one layer's
+        ``query key`` tables transiently), GradDrop's kept gradients, and the score accumulators."""
+        info, layout = compiled.info, self.layout(compiled)
+        t, heads, d_head = seq_len, info.n_heads, info.d_head
+        grad_sites = [s for s, entries in layout.contributors.items() if any(m == "grad" for _, m in entries)]
+        cached = 2 * positions * sum(site_width(s, info, compiled.bound) for s in grad_sites)
+        tables = 0.0
+        for layer in layout.qk_layers:
+            modes = {m for _, m in layout.contributors[Site("attn_z", layer)]}
+            if "query" in modes:
+                tables += 2 * positions * heads * d_head
+            if "key" in modes:
+                tables += 2.25 * heads * t * positions + 4 * t * heads * d_head
+            if "joint" in modes:
+                tables += t * heads * d_head
+        transient = 4 * heads * t * t + 16 * heads * ROW_BLOCK * t if layout.qk_layers else 0
+        kept_grads = len({layout.terms[i].cotangent for i in layout.active}) * t * info.d_model
+        per_term = [
+            b for b in compiled.bound if layout.terms and (any(len(e) > 1 for e in b.layers.entries) or _all_positions(b))
+        ]
+        accumulators = sum(b.n_nodes for b in compiled.bound) + len(layout.terms) * sum(b.n_nodes for b in per_term)
+        model_bytes = ELEMENT_BYTES[info.dtype]
+        table_bytes = max(model_bytes, 4)  # the QK fix recomputes in float32 at least
+        per_pair = (
+            model_bytes * (graph_elements(info, t) + cached + kept_grads) + table_bytes * (tables + transient) + 4 * accumulators
+        )
+        return int(pairs * per_pair)
 
     @staticmethod
     def granularity(compiled: CompiledPlan) -> str:
@@ -117,6 +160,27 @@ class FirstOrder(AbstractMethod):
             )
 
     def schedule(self, compiled: CompiledPlan) -> list[PassStep]:
+        steps = self._steps(compiled)
+        chunks = self.chunk_count(compiled)
+        if chunks == 1:
+            return steps
+        return [
+            PassStep(
+                s.name, s.kind, s.count * chunks, s.rows, s.sites, f"{s.action} (x {chunks} position chunks)",
+                None if s.forward_equivalents is None else s.forward_equivalents * chunks,
+            )
+            for s in steps
+        ]
+
+    def chunk_count(self, compiled: CompiledPlan) -> int:
+        """Position chunks per batch of the longest prompts (1 without ``max_memory`` pressure)."""
+        layout = self.layout(compiled)
+        longest = max(compiled.batches, key=lambda b: b.seq_len)
+        joint = tuple(b for entries in layout.contributors.values() for b, mode in entries if mode == "joint")
+        positions = node_positions(longest.bound, longest.seq_len, joint)
+        return len(position_chunks(positions, longest.seq_len, compiled.chunking.positions_per_chunk))
+
+    def _steps(self, compiled: CompiledPlan) -> list[PassStep]:
         layout = self.layout(compiled)
         grad_sites = tuple(sorted(layout.contributors))
         steps = [
@@ -159,8 +223,24 @@ class FirstOrder(AbstractMethod):
     # ------------------------------------------------------------------ run time
     def run_batch(self, run: BatchRun) -> BatchScores:
         layout = self.layout(run.compiled)
-        noise_acts, metric_noise = noise_forward(run)
-        scores = _Scores(run.batch.bound, run.clean_tokens.shape[0], run.backend.device, layout, self.keep_terms)
+        joint = tuple(b for entries in layout.contributors.values() for b, mode in entries if mode == "joint")
+        positions = node_positions(run.batch.bound, run.batch.seq_len, joint)
+        chunks = position_chunks(positions, run.batch.seq_len, run.compiled.chunking.positions_per_chunk)
+        scores = _Scores(run.batch.bound, run.clean_tokens.shape[0], run.backend.device, layout, self.keep_terms, len(chunks) > 1)
+        for i, positions in enumerate(chunks):
+            metric_clean, metric_noise = self._run_chunk(run, layout, scores, positions, first=i == 0)
+        return BatchScores(scores.result(), metric_clean, metric_noise, scores.per_term if self.keep_terms else None)
+
+    def _run_chunk(
+        self, run: BatchRun, layout: _Layout, scores: "_Scores", positions: Tensor | None, first: bool
+    ) -> tuple[Tensor, Tensor]:
+        """The passes for the node entries at ``positions`` (None: every position): scores go to ``scores``.
+
+        Cached noise activations, differences and QK-fix tables hold only these positions; keys patched
+        jointly (``positions: "all"``) are scored in the first chunk.
+        """
+        full = tuple(Site("attn_k", layer) for layer in layout.joint_layers) if first else ()
+        noise_acts, metric_noise = noise_forward(run, positions=positions, full=full)
         tensors: dict[Site, Tensor] = {}
         values: dict[Site, Tensor] = {}
         deltas: dict[Site, Tensor] = {}
@@ -168,16 +248,23 @@ class FirstOrder(AbstractMethod):
         leaves: list[Tensor] = []
         cotangents = {layout.terms[t].cotangent for t in layout.active}
         state: dict[str, object] = {"term": None, "fired": set()}
-        attention = _AttentionCache(run, noise_acts, values, layout)
+        attention = _AttentionCache(run, noise_acts, values, layout, positions, first)
+        seq_len = run.batch.seq_len
 
         def on_grad(site: Site, grad: Tensor) -> None:
             term = state["term"]
             state["fired"].add(site)  # type: ignore[attr-defined]
             for b, mode in layout.contributors[site]:
-                if mode == "grad":
-                    effect = b.node.elementwise_effect(deltas[site], grad)
+                if mode == "joint":
+                    if not first:
+                        continue
+                    effect = attention.joint_effect(site.layer, grad)[:, None]  # batch pos=1 kv_head
                 else:
-                    effect = attention.effect(b, mode, site.layer, grad)
+                    if mode == "grad":
+                        effect = b.node.elementwise_effect(deltas[site], take_positions(grad, positions))
+                    else:
+                        effect = attention.effect(mode, site.layer, grad)
+                    effect = _expand_positions(effect, positions, seq_len)
                 scores.add(b, site, term, b.reduce(effect).float().to(scores.device))  # type: ignore[arg-type]
 
         def gradient_hook(site: Site) -> SiteHook:
@@ -188,7 +275,7 @@ class FirstOrder(AbstractMethod):
                     leaves.append(act)  # not downstream of the floor: the backward passes must ask for it
                 tensors[site] = act
                 if any(mode == "grad" for _, mode in layout.contributors[site]):
-                    deltas[site] = noise_acts[site] - act.detach()
+                    deltas[site] = noise_acts[site] - take_positions(act.detach(), positions)
                 act.register_hook(lambda grad: on_grad(site, grad))
                 return replacement
 
@@ -223,6 +310,7 @@ class FirstOrder(AbstractMethod):
         with torch.enable_grad():
             logits = run.backend.forward(run.clean_tokens, hooks)
             metric_clean = run.metric(logits, run.metric_inputs(run.clean_tokens))
+            del logits
             if not metric_clean.requires_grad:
                 raise BackendError("the metric does not depend on any hooked activation (no gradient path)")
             floor = [tensors[s] for s in layout.floor]
@@ -241,7 +329,9 @@ class FirstOrder(AbstractMethod):
                 expected = {s for s in layout.contributors if term.relation(s) == "reached"}
                 _check_arrivals(expected, state["fired"], f" with {term.label} dropped")  # type: ignore[arg-type]
                 attention.release_from(term.layer)  # later (lower) terms never reach this layer's attention
-        return BatchScores(scores.result(), metric_clean.detach(), metric_noise, scores.per_term if self.keep_terms else None)
+                if all(layout.terms[later].cotangent != term.cotangent for later in layout.active[n + 1 :]):
+                    del plain_grads[term.cotangent]
+        return metric_clean.detach(), metric_noise
 
 
 def _check_arrivals(expected: set[Site], fired: set[Site], context: str) -> None:
@@ -263,17 +353,18 @@ class _Scores:
     """Per-pair score accumulators: signed sums, or GradDrop's sum of per-term magnitudes."""
 
     def __init__(
-        self, bound: tuple[BoundNodes, ...], n_batch: int, device: torch.device, layout: _Layout, keep_terms: bool
+        self, bound: tuple[BoundNodes, ...], n_batch: int, device: torch.device, layout: _Layout, keep_terms: bool, chunked: bool
     ) -> None:
         self.layout = layout
         self.device = device
         self.terms = layout.terms
         self.totals = {b.name: torch.zeros((n_batch,) + b.shape, device=device) for b in bound}
-        # a node spanning several layers sums several sites per term before the magnitude is taken
+        # a node spanning several layers (or, in chunks, several position chunks) sums several
+        # contributions per term before the magnitude is taken
         self.per_term = {
             b.name: torch.zeros((len(self.terms), n_batch) + b.shape, device=device)
             for b in bound
-            if self.terms and (keep_terms or any(len(e) > 1 for e in b.layers.entries))
+            if self.terms and (keep_terms or any(len(e) > 1 for e in b.layers.entries) or (chunked and _all_positions(b)))
         }
 
     def add(self, b: BoundNodes, site: Site, term: int | None, effect: Tensor) -> None:
@@ -299,54 +390,86 @@ class _Scores:
 
 
 class _AttentionCache:
-    """Per layer, the clean attention and the patched changes of the QK fix, computed once per batch."""
+    """Per layer, the QK-fix tables for one chunk of positions, prepared when the layer's gradient first
+    arrives (the layer's ``query key`` tables are transient; only ``query chunk`` tables are kept)."""
 
-    def __init__(self, run: BatchRun, noise_acts: dict[Site, Tensor], values: dict[Site, Tensor], layout: _Layout) -> None:
-        self.run, self.noise, self.values = run, noise_acts, values
+    def __init__(
+        self, run: BatchRun, noise: dict[Site, Tensor], values: dict[Site, Tensor], layout: _Layout,
+        positions: Tensor | None, first: bool,
+    ) -> None:
+        self.run, self.noise, self.values, self.positions = run, noise, values, positions
+        self.modes = {
+            layer: {mode for _, mode in layout.contributors.get(Site("attn_z", layer), ())} for layer in layout.qk_layers
+        }
+        if not first:
+            for modes in self.modes.values():
+                modes.discard("joint")
         self.layers: dict[int, dict[str, object]] = {}
 
     def _layer(self, layer: int) -> dict[str, object]:
-        if layer not in self.layers:
-            q, k, v = (_upcast(self.values[Site(name, layer)]) for name in ("attn_q", "attn_k", "attn_v"))
-            with torch.no_grad():
-                logits = self.run.backend.attention_logits(layer, q, k)
-            self.layers[layer] = {"clean": clean_attention(logits, v), "q": q, "k": k}
-        return self.layers[layer]
+        if layer in self.layers:
+            return self.layers[layer]
+        backend, positions, modes = self.run.backend, self.positions, self.modes[layer]
+        q, k, v = (_upcast(self.values[Site(name, layer)]) for name in ("attn_q", "attn_k", "attn_v"))
+        tables: dict[str, object] = {}
+        with torch.no_grad():
+            clean = clean_attention(backend.attention_logits(layer, q, k), v)
+            tables["group"] = clean.group
+            if "query" in modes:  # rows of the chunk's positions, each with its noise query
+                noise_q = _upcast(self.noise[Site("attn_q", layer)])
+                logits = backend.attention_logits(layer, _with_positions(q, noise_q, positions), k)
+                tables["query_dz"] = query_delta_z(clean, take_positions(logits, positions, dim=2), positions)
+            noise_k = _upcast(self.noise[Site("attn_k", layer)]) if modes & {"key", "joint"} else None
+            if "joint" in modes:  # noise keys kept at every position
+                tables["joint_dz"] = joint_key_delta_z(clean, backend.attention_logits(layer, q, noise_k))
+                noise_k = take_positions(noise_k, positions)
+            if "key" in modes:  # columns of the chunk's positions
+                logits = backend.attention_logits(layer, q, _with_positions(k, noise_k, positions))
+                tables["key_patch"] = key_patch(clean, logits, positions)
+        self.layers[layer] = tables
+        return tables
 
-    def _derived(self, layer: int, key: str) -> Tensor:
-        cache = self._layer(layer)
-        if key not in cache:
-            clean: CleanAttention = cache["clean"]  # type: ignore[assignment]
-            backend, q, k = self.run.backend, cache["q"], cache["k"]
-            with torch.no_grad():
-                if key == "query_dz":
-                    noise_q = _upcast(self.noise[Site("attn_q", layer)])
-                    cache[key] = query_delta_z(clean, backend.attention_logits(layer, noise_q, k))
-                else:
-                    noise_k = _upcast(self.noise[Site("attn_k", layer)])
-                    cache["key_logits"] = logits = backend.attention_logits(layer, q, noise_k)
-                    cache["key_patch"] = key_patch(clean, logits)
-        return cache[key]  # type: ignore[return-value]
-
-    def effect(self, b: BoundNodes, mode: Mode, layer: int, dz: Tensor) -> Tensor:
-        """Effect per (position, head) entry of a query or key node selection at ``layer`` for gradient ``dz``."""
+    def effect(self, mode: Mode, layer: int, dz: Tensor) -> Tensor:
+        """Effect per (chunk position, head) of the query or key nodes at ``layer`` for the gradient ``dz`` at ``z``."""
         dz = _upcast(dz)
+        tables = self._layer(layer)
         if mode == "query":
-            return (self._derived(layer, "query_dz") * dz).sum(-1)
-        clean: CleanAttention = self._layer(layer)["clean"]  # type: ignore[assignment]
-        patch = self._derived(layer, "key_patch")
-        pos_axis = b.axes[b.node.index_dims.index("pos")]
-        if pos_axis.labels == "all":  # keys patched jointly: rows recomputed with every key patched
-            joint = joint_key_effects(clean, self._layer(layer)["key_logits"], dz)  # type: ignore[arg-type]
-            out = torch.zeros(dz.shape[0], dz.shape[1], joint.shape[-1], device=dz.device)
-            out[:, 0] = joint
-            return out
-        return key_effects(clean, patch, dz)  # type: ignore[arg-type]
+            return (tables["query_dz"] * take_positions(dz, self.positions)).sum(-1)  # type: ignore[operator]
+        patch: KeyPatch = tables["key_patch"]  # type: ignore[assignment]
+        return key_effects(patch, dz)
+
+    def joint_effect(self, layer: int, dz: Tensor) -> Tensor:
+        """``batch kv_head``: effect of patching every key of each key/value head at once."""
+        tables = self._layer(layer)
+        return joint_key_effects(tables["joint_dz"], _upcast(dz), tables["group"])  # type: ignore[arg-type]
 
     def release_from(self, layer: int) -> None:
         """Forget the layers at or above ``layer``."""
         for cached in [l for l in self.layers if l >= layer]:
             del self.layers[cached]
+
+
+def _with_positions(clean: Tensor, noise: Tensor, positions: Tensor | None) -> Tensor:
+    """``clean`` (``batch pos ...``) with the ``positions`` taken from ``noise`` (which holds only them)."""
+    if positions is None:
+        return noise
+    out = clean.clone()
+    out[:, positions.to(out.device)] = noise
+    return out
+
+
+def _expand_positions(effect: Tensor, positions: Tensor | None, seq_len: int) -> Tensor:
+    """Per-entry effects at the chunk's positions (``batch chunk ...``) placed in ``batch pos ...`` (zeros elsewhere)."""
+    if positions is None:
+        return effect
+    out = effect.new_zeros((effect.shape[0], seq_len) + effect.shape[2:])
+    out[:, positions.to(out.device)] = effect
+    return out
+
+
+def _all_positions(b: BoundNodes) -> bool:
+    """The selection sums every position into one node (``positions: "all"``)."""
+    return b.positions is not None and b.positions.labels == "all"
 
 
 def _upcast(x: Tensor) -> Tensor:

@@ -8,13 +8,14 @@ share) and ``assemble`` turns the batch outputs into per-pair tensors.
 """
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 from . import plugins
 from .backend import AbstractBackend, ModelInfo
+from .chunking import Chunking, choose_chunking, node_positions, parse_bytes
 from .errors import PlanError
 from .metrics import NEEDS_ANSWER, Metric, MetricInputs
 from .node import BoundNodes, bind_nodes
@@ -78,6 +79,8 @@ class CompiledPlan:
     batches: tuple[Batch, ...]
     sites: tuple[Site, ...]
     steps: tuple[PassStep, ...] = field(default=())
+    chunking: Chunking = Chunking()
+    """Pairs per pass and positions per chunk chosen under the plan's ``max_memory``."""
 
     @property
     def bound(self) -> tuple[BoundNodes, ...]:
@@ -90,8 +93,9 @@ class CompiledPlan:
             f"model: {info.source} ({info.architecture}, {info.n_layers} layers, {info.n_heads} heads"
             f" / {info.n_kv_heads} kv heads, d_model {info.d_model}, {info.dtype} on {info.device})",
             f"method: {self.plan.method.name}; metric: {self.plan.metric.name}",
-            f"prompt pairs: {len(self.pairs)} in {len(self.batches)} batch(es) of up to {self.plan.batch_size}"
-            f" (token lengths: {sorted({b.seq_len for b in self.batches})})",
+            f"prompt pairs: {len(self.pairs)} in {len(self.batches)} batch(es) of up to "
+            f"{self.chunking.pairs_per_pass or self.plan.batch_size} (token lengths: {sorted({b.seq_len for b in self.batches})})",
+            f"memory: {self.chunking.describe()}",
             "node selections:",
         ]
         for b in self.bound:
@@ -167,17 +171,35 @@ def compile_plan(plan: AttributionPlan, backend: AbstractBackend) -> CompiledPla
                     f"got lengths {lengths}; select positions by a list (e.g. [-1]) or 'all'"
                 )
 
+    sites = tuple(sorted({b.site(layer) for b in first for entry in b.layers.entries for layer in entry}))
+    method = get_method(plan.method.name)
+    compiled = CompiledPlan(plan, info, pairs, _batches(pairs, lengths, bound_by_len, plan.batch_size), sites)
+    method.validate(compiled, backend)
+    chunking = Chunking()
+    if plan.max_memory is not None:
+        longest = lengths[-1]
+        positions = node_positions(bound_by_len[longest], longest)
+        chunking = choose_chunking(
+            parse_bytes(plan.max_memory), min(plan.batch_size, len(pairs)), len(positions or range(longest)),
+            lambda n_pairs, n_positions: method.working_memory(compiled, n_pairs, longest, n_positions),
+            method.chunks_positions and positions is not None,
+            f"method {method.name} does not split positions" if not method.chunks_positions else "a node type has no position axis",
+        )
+        compiled = CompiledPlan(plan, info, pairs, _batches(pairs, lengths, bound_by_len, chunking.pairs_per_pass or 1), sites)
+    compiled = CompiledPlan(plan, info, pairs, compiled.batches, sites, (), chunking)
+    return replace(compiled, steps=tuple(method.schedule(compiled)))
+
+
+def _batches(
+    pairs: tuple[PreparedPair, ...], lengths: list[int], bound_by_len: dict[int, tuple[BoundNodes, ...]], size: int
+) -> tuple[Batch, ...]:
+    """Pairs grouped by token length, in batches of at most ``size``."""
     batches = []
     for length in lengths:
         members = [i for i, p in enumerate(pairs) if len(p.clean) == length]
-        for start in range(0, len(members), plan.batch_size):
-            batches.append(Batch(tuple(members[start : start + plan.batch_size]), length, bound_by_len[length]))
-
-    sites = sorted({b.site(layer) for b in first for entry in b.layers.entries for layer in entry})
-    compiled = CompiledPlan(plan, info, pairs, tuple(batches), tuple(sites))
-    method = get_method(plan.method.name)
-    method.validate(compiled, backend)
-    return CompiledPlan(plan, info, pairs, tuple(batches), tuple(sites), tuple(method.schedule(compiled)))
+        for start in range(0, len(members), size):
+            batches.append(Batch(tuple(members[start : start + size]), length, bound_by_len[length]))
+    return tuple(batches)
 
 
 def _prepare_pair(plan: AttributionPlan, backend: AbstractBackend, i: int) -> PreparedPair:

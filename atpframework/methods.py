@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .backend import AbstractBackend, SiteHook
+from .chunking import ELEMENT_BYTES, forward_elements, site_width
 from .engine import BatchRun, BatchScores, CompiledPlan, PassStep
 from .errors import PlanError
 from .results import SIGN_CONVENTION
@@ -39,6 +40,21 @@ class AbstractMethod(ABC):
         the cost of verified recall."""
         return sum(step.cost for step in self.schedule(compiled))
 
+    chunks_positions: ClassVar[bool] = False
+    """``max_memory`` may split node positions into chunks (first-order methods); otherwise only pairs per pass."""
+
+    def working_memory(self, compiled: CompiledPlan, pairs: int, seq_len: int, positions: int) -> int:
+        """Estimated bytes one pass needs for ``pairs`` prompt pairs of ``seq_len`` tokens and ``positions``
+        node positions per chunk (``chunking.py``'s model). The default suits exact patching: patched
+        forwards of ``pairs x sets per pass`` rows without gradients, the noise run's activations at the
+        plan's sites, and the clean residual stream at every block boundary."""
+        info = compiled.info
+        per_pass = getattr(compiled.plan.method, "nodes_per_pass", None) or getattr(compiled.plan.method, "sets_per_pass", 1)
+        noise = seq_len * sum(site_width(s, info, compiled.bound) for s in compiled.sites)
+        stream = (info.n_layers + 1) * seq_len * info.d_model
+        rows = pairs * per_pass
+        return int(ELEMENT_BYTES[info.dtype] * (rows * forward_elements(info, seq_len) + pairs * (noise + stream + rows * info.d_model * seq_len)))
+
     def validate(self, compiled: CompiledPlan, backend: AbstractBackend) -> None:
         """Raise ``PlanError`` at compile time if this method cannot run the plan on this model."""
 
@@ -46,21 +62,29 @@ class AbstractMethod(ABC):
     """What the per-pair scores mean, stored in result files."""
 
 
-def capture(store: dict[Site, Tensor], site: Site) -> SiteHook:
-    """A site hook storing the detached activation in ``store[site]``."""
+def capture(store: dict[Site, Tensor], site: Site, positions: Tensor | None = None) -> SiteHook:
+    """A site hook storing the detached activation in ``store[site]`` (only the ``positions`` along the
+    axis after ``batch``, when given)."""
 
     def hook(act: Tensor) -> None:
-        store[site] = act.detach()
+        act = act.detach()
+        store[site] = act if positions is None else act.index_select(1, positions.to(act.device))
 
     return hook
 
 
-def noise_forward(run: BatchRun, sites: tuple[Site, ...] | None = None) -> tuple[dict[Site, Tensor], Tensor]:
-    """One no-grad pass on the noise prompts capturing ``sites`` (default: the plan's); returns them and the metric."""
+def noise_forward(
+    run: BatchRun, sites: tuple[Site, ...] | None = None, positions: Tensor | None = None, full: tuple[Site, ...] = ()
+) -> tuple[dict[Site, Tensor], Tensor]:
+    """One no-grad pass on the noise prompts capturing ``sites`` (default: the plan's); returns them and the metric.
+
+    ``positions``: keep only these positions of each site, except the sites in ``full``.
+    """
     acts: dict[Site, Tensor] = {}
     sites = run.compiled.sites if sites is None else sites
     with torch.no_grad():
-        logits = run.backend.forward(run.noise_tokens, {s: [capture(acts, s)] for s in sites})
+        hooks = {s: [capture(acts, s, None if s in full else positions)] for s in sites}
+        logits = run.backend.forward(run.noise_tokens, hooks)
         value = run.metric(logits, run.metric_inputs(run.noise_tokens))
     return acts, value
 

@@ -153,6 +153,11 @@ class BoundNodes:
         return (len(self.layers.entries),) + tuple(len(a.entries) for a in self.axes)
 
     @property
+    def positions(self) -> AxisSelection | None:
+        """The ``pos`` axis, or None for node types without one."""
+        return self.axes[self.node.index_dims.index("pos")] if "pos" in self.node.index_dims else None
+
+    @property
     def n_nodes(self) -> int:
         n = 1
         for s in self.shape:

@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from . import plugins
+from .chunking import parse_bytes
 from .errors import PlanError, PluginError
 from .node import NodeSpec
 
@@ -184,11 +185,23 @@ class AttributionPlan(_Strict):
     nodes: list[NodeSpec] = Field(min_length=1)
     method: MethodSpec
     batch_size: int = Field(8, ge=1)
-    """Prompt pairs per pass."""
+    """Prompt pairs per pass (at most; ``max_memory`` may choose fewer)."""
+    max_memory: int | str | None = None
+    """Working-memory budget of one pass (activations, autograd graph, the method's caches; not the
+    weights), in bytes or with a unit (``"8GiB"``, ``"500MB"``). The engine then runs fewer pairs per
+    pass and, for the first-order methods, node positions in chunks, with unchanged scores
+    (``chunking.py``). None: no budget."""
     output: str | None = None
     """Result path (``.safetensors``); the CLI's ``-o`` overrides it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("max_memory")
+    @classmethod
+    def _a_size(cls, value: int | str | None) -> int | str | None:
+        if value is not None:
+            parse_bytes(value)
+        return value
 
     @model_validator(mode="after")
     def _unique_result_names(self) -> "AttributionPlan":

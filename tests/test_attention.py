@@ -8,7 +8,8 @@ import torch
 from conftest import D_VOCAB, make_plan, tiny_model
 
 import atpframework as af
-from atpframework.attention import clean_attention, joint_key_effects, key_effects, key_patch, query_delta_z
+from atpframework import attention
+from atpframework.attention import clean_attention, joint_key_delta_z, joint_key_effects, key_effects, key_patch, query_delta_z
 from atpframework.sites import Site
 
 TOKENS = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [9, 8, 7, 6, 5, 4, 3, 2]])
@@ -143,11 +144,13 @@ def _random_layer(group: int, saturate: float, dtype=torch.float64, seed=0):
 
 @pytest.mark.parametrize("group", [1, 3])
 @pytest.mark.parametrize("saturate", [1.0, 12.0])
-def test_key_closed_form_equals_per_key_recomputation(group, saturate):
+@pytest.mark.parametrize("row_block", [64, 3])
+def test_key_closed_form_equals_per_key_recomputation(group, saturate, row_block, monkeypatch):
+    monkeypatch.setattr(attention, "ROW_BLOCK", row_block)  # 3: rows prepared in blocks of 3, 3 and 1
     q, k, v, _, k_noise, dz, logits = _random_layer(group, saturate)
     clean = clean_attention(logits(q, k), v)
     g = torch.einsum("bthd,bshd->bhts", dz, clean.values)  # dMetric/dA
-    ours = key_effects(clean, key_patch(clean, logits(q, k_noise)), dz)
+    ours = key_effects(key_patch(clean, logits(q, k_noise)), dz)
     brute = torch.zeros_like(ours)
     for s in range(k.shape[1]):
         for head in range(k.shape[2]):
@@ -156,8 +159,12 @@ def test_key_closed_form_equals_per_key_recomputation(group, saturate):
             brute[:, s, head] = ((torch.softmax(logits(q, patched), -1) - clean.pattern) * g).sum(dim=(1, 2, 3))
     assert brute.abs().max() > 1e-3
     torch.testing.assert_close(ours, brute, rtol=0, atol=1e-6)
+    # tables kept for a subset of key positions only (a position chunk)
+    columns = torch.tensor([1, 4, 6])
+    chunk = key_effects(key_patch(clean, logits(q, k_noise), columns), dz)
+    torch.testing.assert_close(chunk, brute[:, columns], rtol=0, atol=1e-6)
     # patching every key of a head at once
-    joint = joint_key_effects(clean, logits(q, k_noise), dz)
+    joint = joint_key_effects(joint_key_delta_z(clean, logits(q, k_noise)), dz, clean.group)
     for head in range(k.shape[2]):
         patched = k.clone()
         patched[:, :, head] = k_noise[:, :, head]
@@ -169,11 +176,11 @@ def test_key_closed_form_keeps_precision_in_saturated_float32_rows():
     """float32 with rows saturated to within rounding of 1: the float64 brute force is the reference."""
     q, k, v, _, k_noise, dz, logits = _random_layer(2, 30.0, seed=3)
     clean64 = clean_attention(logits(q, k), v)
-    exact = key_effects(clean64, key_patch(clean64, logits(q, k_noise)), dz)
+    exact = key_effects(key_patch(clean64, logits(q, k_noise)), dz)
     f = [x.float() for x in (q, k, v, k_noise, dz)]
     clean32 = clean_attention(logits(f[0], f[1]), f[2])
     assert (clean32.pattern == 1).any(), "the fixture must saturate float32 rows"
-    ours = key_effects(clean32, key_patch(clean32, logits(f[0], f[3])), f[4])
+    ours = key_effects(key_patch(clean32, logits(f[0], f[3])), f[4])
     torch.testing.assert_close(ours.double(), exact, rtol=1e-4, atol=1e-5)
 
 
@@ -182,6 +189,9 @@ def test_query_closed_form_equals_row_recomputation():
     clean = clean_attention(logits(q, k), v)
     g = torch.einsum("bthd,bshd->bhts", dz, clean.values)
     ours = (query_delta_z(clean, logits(q_noise, k)) * dz).sum(-1)  # batch query head
+    rows = torch.tensor([0, 3, 5])
+    chunk = (query_delta_z(clean, logits(q_noise, k)[:, :, rows], rows) * dz[:, rows]).sum(-1)
+    torch.testing.assert_close(chunk, ours[:, rows], rtol=0, atol=1e-12)
     for t in range(q.shape[1]):
         for head in range(q.shape[2]):
             patched = q.clone()

@@ -1,0 +1,162 @@
+"""Memory budgets: the plan's ``max_memory``, the working-memory model, and chunks of pairs and positions.
+
+A plan's ``max_memory`` bounds one pass's *working memory*: the autograd graph of the clean forward,
+the method's cached activations, differences and QK-fix tables, and transients (not the model's
+weights). ``choose_chunking`` picks, under that budget, first the most prompt pairs per pass (up to
+``batch_size``; fewer pairs cost no extra passes), then, if one pair still does not fit, the most
+node positions per chunk: each chunk reruns the method's passes with caches holding only its
+positions. Scores do not depend on the chunking (first-order scores are sums over positions, and
+chunks partition the positions), so a chunked run equals an unchunked one to float rounding.
+
+The estimates come from the model's shape (``ModelInfo``) and the node selections; they are a model,
+not a measurement. ``docs/scaling.md`` reports measured peaks against them.
+"""
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .backend import ModelInfo
+from .errors import PlanError
+from .node import BoundNodes
+from .sites import Site
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+ELEMENT_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
+
+
+def parse_bytes(value: int | str) -> int:
+    """``"8GiB"``, ``"500 MB"``, ``"1.5GB"`` or an integer number of bytes -> bytes (``ValueError`` otherwise)."""
+    if isinstance(value, int):
+        number, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if not match or match.group(2).lower() not in _UNITS:
+            units = ", ".join(u for u in _UNITS if u)
+            raise ValueError(f"{value!r} is not a size; give bytes (an integer) or a number with a unit ({units}), e.g. '8GiB'")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    size = int(number * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"must be positive, got {value!r}")
+    return size
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How each batch is split so that one pass fits the plan's ``max_memory``."""
+
+    pairs_per_pass: int | None = None
+    """Prompt pairs per batch (None: the plan's ``batch_size``)."""
+    positions_per_chunk: int | None = None
+    """Node positions per chunk; None: all of a batch's node positions in one chunk."""
+    estimate: int | None = None
+    """Estimated working memory of one pass, in bytes (None: no budget given)."""
+    budget: int | None = None
+
+    def describe(self) -> str:
+        if self.budget is None:
+            return "no max_memory: one chunk of every node position per batch"
+        positions = "every node position" if self.positions_per_chunk is None else f"{self.positions_per_chunk} node positions"
+        return (
+            f"max_memory {format_bytes(self.budget)}: {self.pairs_per_pass} pair(s) per pass, chunks of {positions}; "
+            f"estimated working memory {format_bytes(self.estimate or 0)}"
+        )
+
+
+# ------------------------------------------------------------------ positions
+def take_positions(x: Tensor, positions: Tensor | None, dim: int = 1) -> Tensor:
+    """``x`` restricted to ``positions`` along ``dim`` (None: all of it, no copy)."""
+    return x if positions is None else x.index_select(dim, positions.to(x.device))
+
+
+def node_positions(bound: tuple[BoundNodes, ...], seq_len: int, joint: tuple[BoundNodes, ...] = ()) -> list[int] | None:
+    """Sorted positions the selections score per entry; None when some selection has no ``pos`` axis
+    (it cannot be chunked) or none is left. Selections in ``joint`` (keys patched jointly) are scored
+    whole, in the first chunk, and not counted."""
+    wanted: set[int] = set()
+    for b in bound:
+        if any(b is j for j in joint):
+            continue
+        axis = b.positions
+        if axis is None:
+            return None
+        wanted.update(i for entry in axis.entries for i in entry)
+    return sorted(wanted) or None
+
+
+def position_chunks(positions: list[int] | None, seq_len: int, per_chunk: int | None) -> list[Tensor | None]:
+    """The chunks one batch runs: index tensors over positions, or ``[None]`` for one chunk of every position."""
+    if positions is None or (per_chunk is None and len(positions) == seq_len):
+        return [None]
+    step = len(positions) if per_chunk is None else per_chunk
+    return [torch.tensor(positions[i : i + step]) for i in range(0, len(positions), step)]
+
+
+# ------------------------------------------------------------------ the memory model (elements per batch row)
+def _per_token_layer(info: ModelInfo) -> int:
+    """Activations one block keeps per token for the backward (residual stream and norms, q/k/v/z, MLP)."""
+    return 14 * info.d_model + 3 * (2 * info.n_heads + 2 * info.n_kv_heads) * info.d_head + 5 * (info.d_mlp or 0)
+
+
+def graph_elements(info: ModelInfo, seq_len: int) -> float:
+    """What a forward pass with gradients keeps for the backward, per batch row (eager attention: the
+    ``head query key`` scores and pattern of every layer)."""
+    attention = 2.5 * info.n_heads * seq_len * seq_len
+    return info.n_layers * (seq_len * _per_token_layer(info) + attention) + 4 * seq_len * info.d_vocab
+
+
+def forward_elements(info: ModelInfo, seq_len: int) -> float:
+    """Peak of a forward pass without gradients, per batch row (one block's transients and the logits)."""
+    return seq_len * _per_token_layer(info) + 2 * info.n_heads * seq_len * seq_len + 3 * seq_len * info.d_vocab
+
+
+def site_width(site: Site, info: ModelInfo, bound: tuple[BoundNodes, ...]) -> int:
+    """Elements per position of a site's activation."""
+    heads = {"attn_z": info.n_heads, "attn_q": info.n_heads, "attn_k": info.n_kv_heads, "attn_v": info.n_kv_heads}
+    if site.view:
+        sizes = [math.prod(a.size for a in b.axes if a.dim != "pos") for b in bound if b.site(site.layer) == site]
+        return max([info.d_model, *sizes])
+    if site.name in heads:
+        return heads[site.name] * info.d_head
+    if site.name == "mlp_post":
+        return info.d_mlp or info.d_model
+    return info.d_model
+
+
+def choose_chunking(
+    budget: int, batch_size: int, max_positions: int, estimate, can_chunk_positions: bool, why_not: str = ""
+) -> Chunking:
+    """The most pairs per pass, then the most positions per chunk, whose ``estimate(pairs, positions)`` fits.
+
+    Raises ``PlanError`` (naming ``max_memory``) when one pair and one position do not fit.
+    """
+    for pairs in range(batch_size, 0, -1):
+        need = estimate(pairs, max_positions)
+        if need <= budget:
+            return Chunking(pairs, None, need, budget)
+    if can_chunk_positions:
+        lo, hi = 1, max_positions - 1
+        if estimate(1, lo) <= budget:
+            while lo < hi:  # the largest chunk that fits
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if estimate(1, mid) <= budget else (lo, mid - 1)
+            return Chunking(1, lo, estimate(1, lo), budget)
+        minimum = estimate(1, 1)
+    else:
+        minimum = estimate(1, max_positions)
+    raise PlanError(
+        f"max_memory: {format_bytes(budget)} is below this plan's estimated minimum working memory of "
+        f"{format_bytes(minimum)} (one prompt pair per pass"
+        + (", one node position per chunk" if can_chunk_positions else f"; {why_not}" if why_not else "")
+        + "); raise max_memory or use shorter prompts"
+    )
