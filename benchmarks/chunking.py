@@ -7,7 +7,8 @@ One prompt pair of ``--seq`` tokens, every node type at every position. The plan
 budget, then once per budget: the engine's estimate for chunks of one position plus a fraction of
 what the unchunked estimate needs beyond that. Per run: the estimate, the measured peak memory above the loaded model (``suite.peak_memory``),
 the wall time, the chunking chosen, and the largest score difference from the unchunked run. Ratios
-are of numbers measured in this one process.
+are of numbers measured in this one process. The script fixes glibc's mmap threshold
+(``suite.exact_malloc_peaks``) so that peaks repeat; that makes absolute times about twice as long.
 """
 
 from __future__ import annotations

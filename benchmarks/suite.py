@@ -254,7 +254,8 @@ def exact_malloc_peaks() -> None:
     By default glibc raises the threshold as large blocks are freed, so later tensors come from the
     heap, and freed heap memory stays resident: peaks then depend on allocation history. With the
     threshold fixed at 64 KiB every tensor larger than that is its own mapping, returned on free, and
-    peaks of the resident set repeat to within a few MiB between runs.
+    peaks of the resident set repeat to within a few MiB between runs. It also makes every large
+    allocation a system call: wall times about double, so only memory benchmarks use it.
     """
     if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
@@ -607,5 +608,4 @@ def main(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = No
 
 
 if __name__ == "__main__":
-    exact_malloc_peaks()
     main()
