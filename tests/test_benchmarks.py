@@ -45,3 +45,18 @@ def test_benchmark_suite_refuses_unknown_names():
     done = subprocess.run([sys.executable, str(SUITE), "--models", "tiny,nope", "--only", "overhead"],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode != 0 and "unknown model or measurement: nope" in done.stderr
+
+
+def test_chunking_benchmark_smoke_run(tmp_path):
+    """benchmarks/chunking.py on the tiny model: chunked runs give the unchunked scores and the budget's chunks."""
+    out = tmp_path / "chunking.json"
+    script = SUITE.parent / "chunking.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = ["--model", "tiny", "--seq", "48", "--budgets", "0.5,0.1", "--json", str(out)]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["chunks"] for r in runs][0] == 1 and runs[1]["chunks"] >= 2 and runs[2]["chunks"] > runs[1]["chunks"]
+    for r in runs:
+        assert r["max_diff"] <= 1e-5 * r["max_score"] and r["max_score"] > 1e-2
+    assert runs[0]["estimate"] > runs[1]["estimate"] > runs[2]["estimate"]
