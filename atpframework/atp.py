@@ -25,7 +25,7 @@ from torch import Tensor
 from .attention import ROW_BLOCK, KeyPatch, clean_attention, joint_key_delta_z, joint_key_effects, key_effects, key_patch, query_delta_z
 from .backend import AbstractBackend, SiteHook
 from .chunking import ELEMENT_BYTES, graph_elements, node_positions, position_chunks, site_width, take_positions
-from .engine import BatchRun, BatchScores, CompiledPlan, PassStep
+from .engine import Batch, BatchRun, BatchScores, CompiledPlan, PassStep
 from .errors import BackendError, PlanError
 from .graddrop import DropTerm, drop_terms
 from .methods import AbstractMethod, noise_forward
@@ -174,11 +174,15 @@ class FirstOrder(AbstractMethod):
 
     def chunk_count(self, compiled: CompiledPlan) -> int:
         """Position chunks per batch of the longest prompts (1 without ``max_memory`` pressure)."""
-        layout = self.layout(compiled)
         longest = max(compiled.batches, key=lambda b: b.seq_len)
-        joint = tuple(b for entries in layout.contributors.values() for b, mode in entries if mode == "joint")
-        positions = node_positions(longest.bound, longest.seq_len, joint)
-        return len(position_chunks(positions, longest.seq_len, compiled.chunking.positions_per_chunk))
+        return len(self._chunks(self.layout(compiled), longest, compiled.chunking.positions_per_chunk))
+
+    @staticmethod
+    def _chunks(layout: _Layout, batch: Batch, per_chunk: int | None) -> list[Tensor | None]:
+        """The position chunks ``batch`` runs; keys patched jointly are scored whole and add no positions."""
+        joint = {b.name for entries in layout.contributors.values() for b, mode in entries if mode == "joint"}
+        positions = node_positions(tuple(b for b in batch.bound if b.name not in joint))
+        return position_chunks(positions, batch.seq_len, per_chunk)
 
     def _steps(self, compiled: CompiledPlan) -> list[PassStep]:
         layout = self.layout(compiled)
@@ -223,9 +227,7 @@ class FirstOrder(AbstractMethod):
     # ------------------------------------------------------------------ run time
     def run_batch(self, run: BatchRun) -> BatchScores:
         layout = self.layout(run.compiled)
-        joint = tuple(b for entries in layout.contributors.values() for b, mode in entries if mode == "joint")
-        positions = node_positions(run.batch.bound, run.batch.seq_len, joint)
-        chunks = position_chunks(positions, run.batch.seq_len, run.compiled.chunking.positions_per_chunk)
+        chunks = self._chunks(layout, run.batch, run.compiled.chunking.positions_per_chunk)
         scores = _Scores(run.batch.bound, run.clean_tokens.shape[0], run.backend.device, layout, self.keep_terms, len(chunks) > 1)
         for i, positions in enumerate(chunks):
             metric_clean, metric_noise = self._run_chunk(run, layout, scores, positions, first=i == 0)

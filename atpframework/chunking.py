@@ -14,6 +14,7 @@ not a measurement. ``docs/scaling.md`` reports measured peaks against them.
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -79,14 +80,11 @@ def take_positions(x: Tensor, positions: Tensor | None, dim: int = 1) -> Tensor:
     return x if positions is None else x.index_select(dim, positions.to(x.device))
 
 
-def node_positions(bound: tuple[BoundNodes, ...], seq_len: int, joint: tuple[BoundNodes, ...] = ()) -> list[int] | None:
+def node_positions(bound: tuple[BoundNodes, ...]) -> list[int] | None:
     """Sorted positions the selections score per entry; None when some selection has no ``pos`` axis
-    (it cannot be chunked) or none is left. Selections in ``joint`` (keys patched jointly) are scored
-    whole, in the first chunk, and not counted."""
+    (it cannot be chunked) or there is none."""
     wanted: set[int] = set()
     for b in bound:
-        if any(b is j for j in joint):
-            continue
         axis = b.positions
         if axis is None:
             return None
@@ -134,7 +132,8 @@ def site_width(site: Site, info: ModelInfo, bound: tuple[BoundNodes, ...]) -> in
 
 
 def choose_chunking(
-    budget: int, batch_size: int, max_positions: int, estimate, can_chunk_positions: bool, why_not: str = ""
+    budget: int, batch_size: int, max_positions: int, estimate: Callable[[int, int], int], can_chunk_positions: bool,
+    why_not: str = "",
 ) -> Chunking:
     """The most pairs per pass, then the most positions per chunk, whose ``estimate(pairs, positions)`` fits.
 

@@ -178,7 +178,7 @@ def compile_plan(plan: AttributionPlan, backend: AbstractBackend) -> CompiledPla
     chunking = Chunking()
     if plan.max_memory is not None:
         longest = lengths[-1]
-        positions = node_positions(bound_by_len[longest], longest)
+        positions = node_positions(bound_by_len[longest])
         chunking = choose_chunking(
             parse_bytes(plan.max_memory), min(plan.batch_size, len(pairs)), len(positions or range(longest)),
             lambda n_pairs, n_positions: method.working_memory(compiled, n_pairs, longest, n_positions),

@@ -149,4 +149,4 @@ def test_sizes_and_chunks():
     assert [c.tolist() for c in position_chunks([5], 8, None)] == [[5]]  # caches only what the nodes read
     backend = af.load_backend(af.as_plan(make_plan(NODES)), model=tiny_model())
     bound = compile_plan(af.as_plan(make_plan([{"kind": "attn_v", "positions": [1, -1]}, {"kind": "resid", "positions": [3]}])), backend).bound
-    assert node_positions(bound, 6) == [1, 3, 5]
+    assert node_positions(bound) == [1, 3, 5]
