@@ -1,18 +1,20 @@
 """The Python entry points: load a backend for a plan, compile it, run it, save the result."""
 
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from . import distributed as parallel
 from . import plugins
 from .backend import AbstractBackend
-from .checkpoint import Checkpoint
-from .engine import CompiledPlan, assemble, compile_plan, run_batches
-from .errors import PlanError, PluginError
+from .checkpoint import Checkpoint, is_complete, run_fingerprint
+from .engine import CompiledPlan, assemble, compile_plan, report_problems, run_batches
+from .errors import PlanError, PluginError, shorten
 from .methods import get_method
 from .metrics import Metric, resolve_metric
 from .node import BoundNodes
+from .outputs import check_writable, resolve_output
 from .plan import AttributionPlan, load_plan, parse_plan
 from .results import AttributionResult, NodeScores, now_utc, package_versions
 from .sae import SplicedBackend, load_saes
@@ -69,6 +71,7 @@ def run(
     metric: Metric | None = None,
     backend: AbstractBackend | None = None,
     output: str | Path | None = None,
+    overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
     saes: Mapping[str, Any] | None = None,
     distributed: bool | None = None,
@@ -82,18 +85,22 @@ def run(
         tokenizer: tokenizer for ``model`` when it has none attached.
         metric: a custom metric ``(logits, MetricInputs) -> per-pair values``; the plan's metric name must be ``custom``.
         backend: an already-loaded backend (reused across runs).
-        output: result path; overrides ``plan.output``.
+        output: result path, taken as given; overrides ``plan.output``, which is resolved relative to
+            the plan file (or the working directory) and must stay inside it (``outputs.py``).
+        overwrite: replace an existing file at the output even if it is not an atpframework result.
         progress: called with the number of pairs finished after each batch.
         saes: SAE objects (e.g. sae_lens ``SAE``) for plan ``saes`` entries without a path or release, by name.
         distributed: shard the batches over the processes of a ``torchrun`` launch (see
             ``atpframework.distributed``); every rank returns the full result and rank 0 alone saves it.
             Default: when launched with more than one process.
-        resume: checkpoint finished batches next to the output and pick them up when the same plan is
-            run again (``atpframework.checkpoint``). Default: on when the plan alone describes the run
+        resume: checkpoint finished batches next to the output and pick them up when the same run is
+            started again (``atpframework.checkpoint``). Default: on when the plan alone describes the run
             (an output, and no ``model``, ``backend``, ``metric`` or ``saes`` objects passed in).
     """
+    plan_path = plan if isinstance(plan, (str, Path)) else None
     plan = as_plan(plan)
     metric_fn = resolve_metric(plan.metric, metric)
+    target = preflight(plan, plan_path, output, overwrite, check_device=model is None and backend is None)
     backend_given = backend
     group = None
     if distributed or (distributed is None and parallel.launched()):
@@ -101,20 +108,87 @@ def run(
     device = parallel.device_for_rank(plan.model.device, group) if group is not None else None
     backend = splice_saes(plan, backend or load_backend(plan, model, tokenizer, device), saes)
     compiled = compile_plan(plan, backend)
-    target = output if output is not None else plan.output
     if resume is None:
         resume = model is None and backend_given is None and metric is None and not saes
+    main = group is None or group.is_main
+    with ExitStack() as stack:
+        checkpoint = _checkpoint(compiled, backend, target, group) if resume and target is not None else None
+        if checkpoint is not None:
+            stack.enter_context(checkpoint)
+        finished = checkpoint.finished() if checkpoint is not None else None
+        on_batch = checkpoint.save if checkpoint is not None else None
+        if group is None:
+            executed = assemble(compiled, run_batches(compiled, backend, metric_fn, progress, None, finished, on_batch))
+        else:
+            mine = run_batches(compiled, backend, metric_fn, progress, parallel.shard(len(compiled.batches), group), finished, on_batch)
+            executed = assemble(compiled, parallel.all_outputs(mine, group))
+        result = _result(compiled, backend, executed)
+        if target is not None and main:
+            check_writable(target, overwrite)
+            result.save(target)
+            if checkpoint is not None:
+                checkpoint.remove()
+    return result
+
+
+def preflight(
+    plan: AttributionPlan, plan_path: str | Path | None, output: str | Path | None, overwrite: bool, check_device: bool = True
+) -> Path | None:
+    """What can be checked before a model loads: the output path (``outputs.py``) and the device.
+    Returns the output path (None when there is none); every problem found is reported in one ``PlanError``."""
+    problems = []
+    target = None
+    try:
+        if output is not None:
+            target = check_writable(Path(output), overwrite)
+        elif plan.output is not None:
+            target = check_writable(resolve_output(plan.output, plan_path), overwrite)
+    except PlanError as err:
+        problems.append(str(err))
+    if check_device and plan.model.options.get("device_map", "none") == "none":
+        problem = device_problem(plan.model.device)
+        if problem:
+            problems.append(problem)
+    report_problems(problems, "the plan cannot run here")
+    return target
+
+
+def device_problem(device: str) -> str | None:
+    """Why ``model.device`` cannot be used on this machine, or None."""
+    import torch
+
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        return f"model.device: {shorten(device)} is not a device; allowed: cpu, cuda, cuda:N, mps, xpu"
+    if where.type == "cpu":
+        return None
+    module = getattr(torch, where.type, None)
+    count = module.device_count() if module is not None and hasattr(module, "device_count") else 0
+    available = module is not None and hasattr(module, "is_available") and module.is_available()
+    if not available or (where.index is not None and where.index >= count):
+        return (
+            f"model.device: {shorten(device)} is not available on this machine (torch sees {count if available else 0} "
+            f"{where.type} device(s)); use 'cpu'" + (f" or {where.type}:0..{count - 1}" if available and count else "")
+        )
+    return None
+
+
+def _checkpoint(compiled: CompiledPlan, backend: AbstractBackend, target: Path, group: Any) -> Checkpoint | None:
+    """The output's checkpoint (locked by the main process), or None when the backend cannot fingerprint its weights."""
     from . import __version__
 
-    checkpoint = Checkpoint(target, plan.to_json(), __version__) if resume and target is not None else None
-    finished = checkpoint.finished() if checkpoint is not None else None
-    on_batch = checkpoint.save if checkpoint is not None else None
+    fingerprint = run_fingerprint(compiled.plan.to_json(), compiled.pairs, backend, __version__)
+    if not is_complete(fingerprint):
+        return None
     if group is None:
-        executed = assemble(compiled, run_batches(compiled, backend, metric_fn, progress, None, finished, on_batch))
-    else:
-        mine = run_batches(compiled, backend, metric_fn, progress, parallel.shard(len(compiled.batches), group), finished, on_batch)
-        executed = assemble(compiled, parallel.all_outputs(mine, group))
-    result = AttributionResult(
+        return Checkpoint(target, fingerprint)
+    return parallel.open_shared(lambda main: Checkpoint(target, fingerprint, main=main), group)
+
+
+def _result(compiled: CompiledPlan, backend: AbstractBackend, executed: Any) -> AttributionResult:
+    plan = compiled.plan
+    return AttributionResult(
         nodes={b.name: _node_scores(b, executed.scores[b.name]) for b in compiled.bound},
         metric_clean=executed.metric_clean,
         metric_noise=executed.metric_noise,
@@ -129,11 +203,6 @@ def run(
         versions=package_versions(),
         created=now_utc(),
     )
-    if target is not None and (group is None or group.is_main):
-        result.save(target)
-        if checkpoint is not None:
-            checkpoint.remove()
-    return result
 
 
 def _node_scores(bound: BoundNodes, per_pair: Any) -> NodeScores:

@@ -14,7 +14,7 @@ Rules for implementations:
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -49,6 +49,8 @@ class ModelInfo(BaseModel):
     normalization: str
     parallel_blocks: bool = False
     """Attention and MLP read the same residual input and write together (GPT-NeoX/Pythia style)."""
+    n_ctx: int | None = None
+    """Longest prompt the model takes, in tokens (None: unknown, not checked)."""
 
 
 class AbstractBackend(ABC):
@@ -113,6 +115,13 @@ class AbstractBackend(ABC):
         """Model description stored in result metadata."""
         return self.info.model_dump()
 
+    def weights(self) -> Iterable[tuple[str, Tensor]] | None:
+        """The named tensors that determine the model's outputs (the resume fingerprint hashes them);
+        None when the backend cannot list them, which turns resuming off. Default: the state dict of
+        ``self.model`` when that is a torch module."""
+        model = getattr(self, "model", None)
+        return model.state_dict().items() if isinstance(model, torch.nn.Module) else None
+
     @property
     def device(self) -> torch.device:
         return torch.device(self.info.device)
@@ -146,6 +155,15 @@ def resolve_options(backend: str, options: Mapping[str, Any], choices: Mapping[s
     return resolved
 
 
+def usable_tokenizer(tokenizer: Any) -> Any:
+    """``tokenizer``, or None when it has no vocabulary (transformers builds an empty one for a
+    directory without tokenizer files, which would turn every text prompt into no tokens)."""
+    try:
+        return tokenizer if tokenizer is not None and len(tokenizer) > 1 else None
+    except TypeError:
+        return tokenizer
+
+
 def tokenizer_adds_bos(tokenizer: Any) -> bool:
     """Whether a Hugging Face tokenizer puts its BOS token in front by itself."""
     if tokenizer is None or tokenizer.bos_token_id is None:
@@ -157,7 +175,10 @@ def tokenizer_adds_bos(tokenizer: Any) -> bool:
 def tokenize_text(tokenizer: Any, text: str, prepend_bos: bool) -> list[int]:
     """Token ids of ``text`` with a Hugging Face tokenizer, BOS prepended on request (never twice)."""
     if tokenizer is None:
-        raise PlanError("prompts: this model has no tokenizer; give prompts as token ids")
+        raise PlanError(
+            "prompts: this model has no tokenizer (its directory has no tokenizer files, or the model object none); "
+            "give prompts, answer and wrong_answer as token ids"
+        )
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if prepend_bos:
         if tokenizer.bos_token_id is None:

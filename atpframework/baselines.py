@@ -48,6 +48,7 @@ class Subsampling(AbstractMethod):
 
     name = "subsampling"
     exact = False
+    nan_means_undefined = True  # a node that no subset (or every subset) held has no estimate
 
     def schedule(self, compiled: CompiledPlan) -> list[PassStep]:
         spec = compiled.plan.method

@@ -16,12 +16,13 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal, localcontext
 
 import torch
 from torch import Tensor
 
 from .backend import ModelInfo
-from .errors import PlanError
+from .errors import PlanError, shorten
 from .node import BoundNodes
 from .sites import Site
 
@@ -29,24 +30,49 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k
 ELEMENT_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 
 
+MAX_BYTES = 2**63 - 1
+"""The largest ``max_memory`` accepted, in bytes: the largest 64-bit integer (8 EiB), far above any machine."""
+_MAX_SIZE_TEXT = 1000
+"""Longest size string read (a longer one is not a size anyone means)."""
+_SIZE_FORMS = (
+    "give bytes (an integer) or a number with a unit (" + ", ".join(u for u in _UNITS if u) + "), e.g. '8GiB'; "
+    "allowed: 1 byte to 2**63-1 bytes"
+)
+
+
 def parse_bytes(value: int | str) -> int:
-    """``"8GiB"``, ``"500 MB"``, ``"1.5GB"`` or an integer number of bytes -> bytes (``ValueError`` otherwise)."""
+    """``"8GiB"``, ``"500 MB"``, ``"1.5GB"`` or an integer number of bytes -> bytes (``ValueError`` otherwise).
+
+    Exact arithmetic (integers and ``Decimal``), so no size overflows; a fractional byte count is
+    rounded down. Sizes must lie in ``1 .. MAX_BYTES``; ``True`` and ``False`` are not sizes.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{shorten(value)} is not a size; {_SIZE_FORMS}")
     if isinstance(value, int):
-        number, unit = float(value), ""
+        size = Decimal(min(max(value, -1), MAX_BYTES + 1))  # clamped: only the bounds matter beyond them
     else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value) if len(value) <= _MAX_SIZE_TEXT else None
         if not match or match.group(2).lower() not in _UNITS:
-            units = ", ".join(u for u in _UNITS if u)
-            raise ValueError(f"{value!r} is not a size; give bytes (an integer) or a number with a unit ({units}), e.g. '8GiB'")
-        number, unit = float(match.group(1)), match.group(2).lower()
-    size = int(number * _UNITS[unit])
-    if size <= 0:
-        raise ValueError(f"must be positive, got {value!r}")
-    return size
+            raise ValueError(f"{shorten(value)} is not a size; {_SIZE_FORMS}")
+        with localcontext(prec=2 * _MAX_SIZE_TEXT):  # exact: the digits given plus the unit's
+            size = Decimal(match.group(1)) * _UNITS[match.group(2).lower()]
+    if size > MAX_BYTES:
+        raise ValueError(f"{_describe(value)} is too large; allowed: at most 2**63-1 bytes (8 EiB)")
+    if size < 1:
+        raise ValueError(f"must be positive (at least 1 byte), got {_describe(value)}")
+    return int(size)
+
+
+def _describe(value: int | str) -> str:
+    """A size as an error message shows it: huge integers by their digit count, strings cut short."""
+    if isinstance(value, int) and abs(value) >= 10**30:
+        return f"an integer of about {int(abs(value).bit_length() * math.log10(2)) + 1} digits"
+    return shorten(value)
 
 
 def format_bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    """``n`` bytes in the largest binary unit it reaches (``"1.5 GiB"``), or ``"512 B"``."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{int(n)} B"

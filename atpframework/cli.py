@@ -11,7 +11,9 @@ Exit codes: 0 success; 2 a bad plan or usage (one-paragraph message); 1 a runtim
 No traceback unless ``--debug``.
 """
 
+import functools
 import json
+import os
 import sys
 import time
 import traceback
@@ -20,7 +22,8 @@ from typing import Any
 
 import click
 
-from .errors import AtpfError, PlanError, SchemaError
+from .errors import AtpfError, PlanError, SchemaError, shorten
+from .outputs import check_writable
 from .results import SIGN_CONVENTION
 
 
@@ -33,28 +36,53 @@ class _PlanFirstGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
+MODEL_HELP = ("Load this model (a bundled name, a local Hugging Face directory or a hub name) instead of the one the "
+              "result file names; the file's choice is printed before anything loads.")
+
+
+MAX_MESSAGE = 2000
+"""Longest error message the CLI prints (values inside messages are already cut by ``errors.shorten``)."""
+
+
+def _say_error(message: str) -> None:
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 40] + f" ... ({len(message)} characters in all)"
+    click.echo(f"error: {message}", err=True)
+
+
 def _guard(debug: bool, action: Callable[[], Any]) -> Any:
+    """Run a command's action with the CLI's one error path.
+
+    Exit 2: a bad plan, option or input file (``PlanError``, ``SchemaError``). Exit 1: a failure while
+    running (another ``AtpfError``, a file that cannot be read or written, memory), or a bug, reported
+    in one line. Exit 130: interrupted. No traceback and no bare exception type unless ``--debug``.
+    """
     try:
         return action()
-    except (PlanError, SchemaError) as err:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
-    except AtpfError as err:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"error: {err}", err=True)
-        sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as err:  # noqa: BLE001 - the CLI's last line of defence
         if debug:
             traceback.print_exc()
-        else:
-            click.echo(f"error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", err=True)
-        sys.exit(1)
+        code, message = _classify(err)
+        _say_error(message)
+        sys.exit(code)
+
+
+def _classify(err: Exception) -> tuple[int, str]:
+    """Exit code and one-paragraph message of an exception (see ``_guard``)."""
+    if isinstance(err, (PlanError, SchemaError)):
+        return 2, str(err)
+    if isinstance(err, AtpfError):
+        return 1, str(err)
+    if isinstance(err, OSError):
+        where = f" {shorten(os.fspath(err.filename))}" if err.filename else ""
+        return 1, f"cannot access{where}: {err.strerror or shorten(str(err))}"
+    if isinstance(err, MemoryError) or "out of memory" in str(err).lower():
+        return 1, "out of memory; lower batch_size, set max_memory in the plan, or use a smaller dtype"
+    first_line = (str(err).strip().splitlines() or [""])[0]
+    return 1, f"unexpected failure ({shorten(first_line)}); rerun with --debug for the traceback, and please report it"
 
 
 @click.group(cls=_PlanFirstGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -68,20 +96,22 @@ def main() -> None:
 
 @main.command("run")
 @click.argument("plan_path", metavar="PLAN.json", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Result file (.safetensors); overrides the plan's output.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Result file (.safetensors); overrides the plan's output (which stays inside the plan's folder or the working directory).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file even if it is not an atpframework result.")
 @click.option("--dry-run", is_flag=True, help="Print the compiled passes and sites, run nothing.")
 @click.option("--top", default=10, show_default=True, help="How many top nodes to print after the run.")
 @click.option("--distributed", is_flag=True,
               help="Shard the prompt pairs over the processes of a torchrun launch (the default under torchrun).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def run_command(plan_path: str, output: str | None, dry_run: bool, top: int, distributed: bool, debug: bool) -> None:
+def run_command(plan_path: str, output: str | None, overwrite: bool, dry_run: bool, top: int, distributed: bool, debug: bool) -> None:
     """Run the attribution plan PLAN.json and write its result file."""
     from . import api
     from . import distributed as parallel
 
     def action() -> None:
         plan = api.as_plan(plan_path)
-        target = output or plan.output
+        target = api.preflight(plan, plan_path, output, overwrite)
         if not dry_run and target is None:
             raise PlanError("output: the plan has no 'output' path; give one in the plan or with -o OUT.safetensors")
         started = time.perf_counter()
@@ -94,8 +124,9 @@ def run_command(plan_path: str, output: str | None, dry_run: bool, top: int, dis
         if dry_run:
             click.echo(compiled.explain())
             return
+        run = functools.partial(api.run, plan, backend=backend, output=target, overwrite=overwrite, resume=True)
         if not main_rank:  # one voice: rank 0 reports and writes
-            api.run(plan, backend=backend, output=target, distributed=True, resume=True)
+            run(distributed=True)
             parallel.leave()
             return
         click.echo(f"loaded {backend.info.source} in {time.perf_counter() - started:.1f}s", err=True)
@@ -105,7 +136,7 @@ def run_command(plan_path: str, output: str | None, dry_run: bool, top: int, dis
             length = sum(len(compiled.batches[i].pair_indices) for i in mine)
             label = f"prompt pairs (rank 0 of {group.world}; {len(compiled.pairs)} in all)"
         with click.progressbar(length=length, label=label, file=sys.stderr) as bar:
-            result = api.run(plan, backend=backend, output=target, progress=bar.update, distributed=group is not None, resume=True)
+            result = run(progress=bar.update, distributed=group is not None)
         if group is not None:
             parallel.leave()  # rank 0 has written the file
         click.echo(_format_top(result, top, "mean_abs"))
@@ -154,20 +185,26 @@ def _ints(text: str, option: str) -> list[int]:
 @click.option("--threshold", type=float, help="Mean |effect| a verified node needs to count as confirmed [default: 5% of |noise - clean|].")
 @click.option("--nodes-per-pass", default=64, show_default=True, help="Nodes patched per forward pass.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of updating RESULT in place.")
+@click.option("--overwrite", is_flag=True, help="With -o: replace an existing file even if it is not an atpframework result.")
+@click.option("--model", "model_source", help=MODEL_HELP)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def verify_command(result_path: str, budget: int | None, until_stable: bool, top: int, patience: int | None,
-                   threshold: float | None, nodes_per_pass: int, output: str | None, debug: bool) -> None:
+                   threshold: float | None, nodes_per_pass: int, output: str | None, overwrite: bool,
+                   model_source: str | None, debug: bool) -> None:
     """Exact-patch the nodes of RESULT in decreasing estimated score and store the verified effects in it."""
     from .results import load_result
     from .verify import verify
 
     def action() -> None:
         result = load_result(result_path)
+        target = output or result_path
+        check_writable(target, overwrite, field="--output")
         _quiet_model_libraries()
         started = time.perf_counter()
+        backend = _result_backend(result, result_path, model_source)
         verified = verify(result, budget=budget, until_stable=until_stable, top=top, patience=patience,
-                          threshold=threshold, nodes_per_pass=nodes_per_pass)
-        target = output or result_path
+                          threshold=threshold, nodes_per_pass=nodes_per_pass, backend=backend)
+        check_writable(target, overwrite, field="--output")
         verified.save(target)
         click.echo(_format_verified(verified, top))
         click.echo(f"wrote {target} ({time.perf_counter() - started:.1f}s)")
@@ -185,9 +222,10 @@ def verify_command(result_path: str, budget: int | None, until_stable: bool, top
 @click.option("--nodes-per-pass", default=64, show_default=True, help="Subsets (or nodes) patched per forward pass.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the bound against the verified effects.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the diagnosis as JSON.")
+@click.option("--model", "model_source", help=MODEL_HELP)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def diagnose_command(result_path: str, verified_top: int, samples: str, confidence: str, p: float, seed: int,
-                     nodes_per_pass: int, plot: str | None, json_path: str | None, debug: bool) -> None:
+                     nodes_per_pass: int, plot: str | None, json_path: str | None, model_source: str | None, debug: bool) -> None:
     """Bound the effect of every node of RESULT outside its verified top (subsampling + Welch tests)."""
     from .files import write_text_atomically
     from .results import load_result
@@ -197,9 +235,10 @@ def diagnose_command(result_path: str, verified_top: int, samples: str, confiden
         result = load_result(result_path)
         _quiet_model_libraries()
         started = time.perf_counter()
+        backend = _result_backend(result, result_path, model_source)
         updated, diagnosis = diagnose(result, verified_top=verified_top, samples=_ints(samples, "--samples"),
                                       confidences=_floats(confidence, "--confidence"), p=p, seed=seed,
-                                      nodes_per_pass=nodes_per_pass)
+                                      nodes_per_pass=nodes_per_pass, backend=backend)
         if updated is not result:
             updated.save(result_path)
         click.echo(f"verified top {diagnosis.verified_top}; largest verified mean |effect| "
@@ -259,6 +298,31 @@ def schema_command() -> None:
     from .plan import plan_json_schema
 
     _guard(False, lambda: click.echo(json.dumps(plan_json_schema(), indent=2)))
+
+
+def _result_backend(result: Any, result_path: str, model_source: str | None) -> Any:
+    """Load the backend that re-runs a result's plan: the model the file names, or ``--model``.
+
+    A result file may come from someone else, so what it would load is said before it loads."""
+    from . import api
+
+    plan = result.plan
+    if not isinstance(plan.get("model"), dict):
+        raise SchemaError(f"{result_path}: atpf.plan has no model entry")
+    if model_source is not None:
+        plan["model"]["source"] = model_source
+    saes = ", ".join(f"{s.get('name')}: {s.get('path') or s.get('release')}" for s in plan.get("saes") or [] if isinstance(s, dict))
+    click.echo(
+        f"loading model {shorten(plan['model']['source'])} with the {shorten(plan['model'].get('backend', 'transformer_lens'))} backend "
+        + ("(--model)" if model_source is not None else f"(named by {shorten(result_path)}; --model SOURCE loads another)")
+        + (f" and SAEs {shorten(saes)} (tensors only)" if saes else ""),
+        err=True,
+    )
+    parsed = api.as_plan(plan)
+    problem = api.device_problem(parsed.model.device)
+    if problem:
+        raise PlanError(f"{problem} (the result's plan says so)")
+    return api.load_backend(parsed)
 
 
 def _quiet_model_libraries() -> None:

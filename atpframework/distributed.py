@@ -11,14 +11,18 @@ single-process run's up to floating-point differences of the batch itself.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from .engine import BatchOutput
-from .errors import PlanError
+from .errors import AtpfError, PlanError
 
-__all__ = ["Group", "all_outputs", "device_for_rank", "join", "launched", "leave", "shard"]
+__all__ = ["Group", "all_outputs", "device_for_rank", "join", "launched", "leave", "open_shared", "shard"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,27 @@ def all_outputs(outputs: list[BatchOutput], group: Group) -> list[BatchOutput]:
     gathered: list[list[BatchOutput] | None] = [None] * group.world
     dist.all_gather_object(gathered, outputs)
     return [out for part in gathered for out in (part or [])]
+
+
+def open_shared(open_: Callable[[bool], T], group: Group) -> T:
+    """``open_(True)`` on rank 0 first (it locks and stamps a shared folder), then ``open_(False)`` on the
+    others; a failure on rank 0 is raised on every rank (the message travels), so no rank waits forever."""
+    import torch.distributed as dist
+
+    made: T | None = None
+    failure: BaseException | None = None
+    if group.is_main:
+        try:
+            made = open_(True)
+        except AtpfError as err:
+            failure = err
+    message = [None if failure is None else str(failure)]
+    dist.broadcast_object_list(message, src=0)
+    if failure is not None:
+        raise failure
+    if message[0] is not None:
+        raise PlanError(message[0])
+    return made if made is not None else open_(False)
 
 
 def leave() -> None:

@@ -15,8 +15,9 @@ from torch import Tensor
 
 from . import plugins
 from .backend import AbstractBackend, ModelInfo
+from .checks import check_metric, locate_nonfinite, nonfinite
 from .chunking import Chunking, choose_chunking, node_positions, parse_bytes
-from .errors import PlanError
+from .errors import NonFiniteError, PlanError, shorten
 from .metrics import NEEDS_ANSWER, Metric, MetricInputs
 from .node import BoundNodes, bind_nodes
 from .plan import AttributionPlan
@@ -138,11 +139,7 @@ def compile_plan(plan: AttributionPlan, backend: AbstractBackend) -> CompiledPla
     from .methods import get_method
 
     info = backend.info
-    pairs = tuple(_prepare_pair(plan, backend, i) for i in range(len(plan.prompts)))
-    position = plan.metric.position
-    for i, pair in enumerate(pairs):
-        if not -len(pair.clean) <= position < len(pair.clean):
-            raise PlanError(f"metric.position: {position} is outside prompts[{i}] ({len(pair.clean)} tokens)")
+    pairs = _prepare_pairs(plan, backend)
 
     nodes = [plugins.load("nodes", spec.kind)() for spec in plan.nodes]
     attached = getattr(backend, "attached", {})
@@ -202,6 +199,46 @@ def _batches(
     return tuple(batches)
 
 
+MAX_PROBLEMS = 20
+"""How many problems one error message lists before it summarises the rest."""
+
+
+def report_problems(problems: Sequence[str], heading: str) -> None:
+    """Raise one ``PlanError`` listing ``problems`` (the first ``MAX_PROBLEMS``), if there are any."""
+    if not problems:
+        return
+    if len(problems) == 1:
+        raise PlanError(problems[0])
+    shown = list(problems[:MAX_PROBLEMS])
+    if len(problems) > MAX_PROBLEMS:
+        shown.append(f"... and {len(problems) - MAX_PROBLEMS} more")
+    raise PlanError(f"{heading} ({len(problems)} problems):\n  " + "\n  ".join(shown))
+
+
+def _prepare_pairs(plan: AttributionPlan, backend: AbstractBackend) -> tuple[PreparedPair, ...]:
+    """Every prompt pair as token ids, checked against the model and the metric; all problems reported together."""
+    pairs, problems = [], []
+    n_ctx, position = backend.info.n_ctx, plan.metric.position
+    for i in range(len(plan.prompts)):
+        try:
+            pair = _prepare_pair(plan, backend, i)
+        except PlanError as err:
+            problems.append(str(err))
+            continue
+        length = len(pair.clean)
+        if n_ctx is not None and length > n_ctx:
+            problems.append(f"prompts[{i}]: {length} tokens, longer than the model's context of {n_ctx} tokens")
+        if not -length <= position < length:
+            problems.append(f"metric.position: {position} is outside prompts[{i}] ({length} tokens)")
+        if plan.metric.name == "cross_entropy" and length < 2:
+            problems.append(
+                f"prompts[{i}]: cross_entropy needs at least 2 tokens (it scores each next token), got {length}"
+            )
+        pairs.append(pair)
+    report_problems(problems, "the plan's prompts do not fit this model")
+    return tuple(pairs)
+
+
 def _prepare_pair(plan: AttributionPlan, backend: AbstractBackend, i: int) -> PreparedPair:
     pair = plan.prompts[i]
     where = f"prompts[{i}]"
@@ -212,7 +249,7 @@ def _prepare_pair(plan: AttributionPlan, backend: AbstractBackend, i: int) -> Pr
         else:
             out = list(value)
         if not out:
-            raise PlanError(f"{where}.{field_name}: tokenizes to no tokens")
+            raise PlanError(f"{where}.{field_name}: " + ("tokenizes to no tokens" if isinstance(value, str) else "is an empty list"))
         bad = [t for t in out if not 0 <= t < backend.info.d_vocab]
         if bad:
             raise PlanError(f"{where}.{field_name}: token id {bad[0]} outside the vocabulary (0..{backend.info.d_vocab - 1})")
@@ -229,7 +266,9 @@ def _prepare_pair(plan: AttributionPlan, backend: AbstractBackend, i: int) -> Pr
             return value
         toks = backend.tokenize(value, prepend_bos=False)
         if len(toks) != 1:
-            raise PlanError(f"{where}.{field_name}: {value!r} is {len(toks)} tokens {toks}; it must be exactly one token")
+            raise PlanError(
+                f"{where}.{field_name}: {shorten(value)} is {len(toks)} tokens {shorten(toks)}; it must be exactly one token"
+            )
         return toks[0]
 
     clean, noise = ids(pair.clean, "clean"), ids(pair.noise, "noise")
@@ -344,7 +383,8 @@ def run_batches(
 
     method = get_method(compiled.plan.method.name)
     wanted = None if batches is None else set(batches)
-    outputs = []
+    outputs: list[BatchOutput] = []
+    probed = False
     for number, run in enumerate(batch_runs(compiled, backend, metric)):
         if wanted is not None and number not in wanted:
             continue
@@ -356,6 +396,9 @@ def run_batches(
             if progress is not None:
                 progress(len(idx))
             continue
+        if not probed:
+            check_metric(metric, run.metric_inputs(run.clean_tokens), compiled.info.d_vocab, getattr(torch, compiled.info.dtype))
+            probed = True
         out = method.run_batch(run)
         dense, sparse = {}, {}
         for b in run.batch.bound:
@@ -369,11 +412,50 @@ def run_batches(
             idx, dense, sparse, {k: v.detach().float().cpu() for k, v in (out.extras or {}).items()},
             out.metric_clean.detach().float().cpu(), out.metric_noise.detach().float().cpu(),
         ))
+        check_finite(outputs[-1], run, scores=not method.nan_means_undefined)
         if on_batch is not None:
             on_batch(number, outputs[-1])
         if progress is not None:
             progress(len(idx))
     return outputs
+
+
+def check_finite(output: BatchOutput, run: BatchRun, scores: bool = True) -> None:
+    """``NonFiniteError`` if a metric (or, with ``scores``, a score) of the batch is NaN or infinite,
+    naming the pair and the first site and layer where a non-finite activation appears."""
+    named = {"the metric on the clean prompt": output.metric_clean, "the metric on the noise prompt": output.metric_noise}
+    if scores:
+        named.update({f"a score of {name}": value for name, value in output.scores.items()})
+        named.update({f"a score of {name}": values for name, (_, values) in output.sparse.items()})
+    bad = nonfinite(named)
+    if bad is None:
+        where = locate_nonfinite(run.backend, run.clean_tokens) if scores and _all_zero(output) else None
+        if where is not None:
+            raise NonFiniteError(
+                f"every score of prompt pairs {output.pair_indices} is exactly 0 and the clean forward pass's first "
+                f"degenerate value is {where}: the model overflowed (weights too large for model.dtype "
+                f"{run.compiled.info.dtype}?). Nothing was written for this batch"
+            )
+        return
+    what, row = bad
+    pair = f" of prompt pair {output.pair_indices[row]}" if row is not None else f" of prompt pairs {output.pair_indices}"
+    origin = ""
+    for label, tokens in (("clean", run.clean_tokens), ("noise", run.noise_tokens)):
+        where = locate_nonfinite(run.backend, tokens)
+        if where is not None:
+            origin = f"; the first non-finite value of the {label} forward pass is {where}"
+            break
+    if not origin:
+        origin = (
+            "; every activation and logit of the clean and noise forward passes is finite, so it arose in the metric "
+            "or in the gradients (an overflow: try model.dtype float32 or float64)"
+        )
+    raise NonFiniteError(f"{what}{pair} is NaN or infinite{origin}. Nothing was written for this batch")
+
+
+def _all_zero(output: BatchOutput) -> bool:
+    dense = all(not bool(v.any()) for v in output.scores.values())
+    return dense and all(not bool(values.any()) for _, values in output.sparse.values())
 
 
 def assemble(compiled: CompiledPlan, outputs: Sequence[BatchOutput]) -> Executed:

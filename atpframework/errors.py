@@ -24,3 +24,27 @@ class BackendError(AtpfError, RuntimeError):
 
 class SchemaError(AtpfError, ValueError):
     """A result file is not an atpframework result, or was written by a newer schema."""
+
+
+class ResourceError(AtpfError, RuntimeError):
+    """The run cannot go on safely: its output is locked by another run, or would replace a file that is not ours."""
+
+
+class NonFiniteError(AtpfError, ArithmeticError):
+    """A metric or score came out NaN or infinite (the message names where it first appeared)."""
+
+
+MAX_SHOWN = 200
+"""How many characters of an offending value an error message repeats."""
+
+
+def shorten(value: object, limit: int = MAX_SHOWN) -> str:
+    """``repr(value)``, cut to ``limit`` characters (the middle elided) so messages stay one readable line."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a value whose repr fails is still reported
+        text = f"<{type(value).__name__}>"
+    if len(text) <= limit:
+        return text
+    keep = (limit - 5) // 2
+    return f"{text[:keep]} ... {text[-keep:]} ({len(text)} characters)"

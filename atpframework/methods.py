@@ -61,6 +61,10 @@ class AbstractMethod(ABC):
     sign_convention: ClassVar[str] = SIGN_CONVENTION
     """What the per-pair scores mean, stored in result files."""
 
+    nan_means_undefined: ClassVar[bool] = False
+    """A NaN score is a documented outcome ("no estimate for this node"), not a failure, so the engine's
+    finite check skips this method's scores (its metrics are still checked)."""
+
 
 def capture(store: dict[Site, Tensor], site: Site, positions: Tensor | None = None) -> SiteHook:
     """A site hook storing the detached activation in ``store[site]`` (only the ``positions`` along the

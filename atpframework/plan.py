@@ -8,18 +8,35 @@ and the allowed values.
 """
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from . import plugins
 from .chunking import parse_bytes
-from .errors import PlanError, PluginError
+from .errors import PlanError, PluginError, shorten
 from .node import NodeSpec
 
 PLAN_SCHEMA = "atpf.plan/1"
 """Schema id of the plan format this version reads and writes."""
+MAX_PLAN_BYTES = 64 * 2**20
+"""Largest plan file ``load_plan`` reads (64 MiB; long token-id prompts take a few MiB)."""
+MAX_DEPTH = 100
+"""Deepest nesting of lists and objects a plan may have (plans need about five levels)."""
+INT_RANGE = (-(2**63), 2**63 - 1)
+"""Integers a plan may hold anywhere: the 64-bit range (token ids, indices, sizes and seeds all fit)."""
+MAX_PROBLEMS = 20
+"""Most problems one error message lists (then ``... and N more problems``)."""
+MAX_MESSAGE = 2000
+"""About the longest error message (characters): each problem line is cut to ``MAX_LINE``, and lines stop here."""
+MAX_LINE = 400
+"""Longest problem line (characters); longer ones keep their start and end."""
+SHOWN_DEPTH = 8
+"""Locations deeper than this are named by their first levels and ``...``."""
+DEVICE_FORMS = "allowed: a torch device string such as 'cpu', 'cuda', 'cuda:1', 'mps' or 'xpu' (not 'meta')"
 
 
 class _Strict(BaseModel):
@@ -36,8 +53,20 @@ class ModelSpec(_Strict):
     """A backend entry-point name (``atpframework.backends`` group)."""
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
+    """A torch device string (``cpu``, ``cuda``, ``cuda:1``, ``mps``...); ``meta`` is refused (no data to compute on)."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Backend-specific options (e.g. ``{"model_class": "bridge"}`` for the TransformerLens backend)."""
+
+    @field_validator("device")
+    @classmethod
+    def _a_torch_device(cls, value: str) -> str:
+        try:
+            device = torch.device(value)
+        except (RuntimeError, ValueError, TypeError):
+            raise ValueError(f"not a device torch knows; {DEVICE_FORMS}") from None
+        if device.type == "meta":
+            raise ValueError(f"meta tensors hold no data, so nothing can be computed on them; {DEVICE_FORMS}")
+        return value
 
 
 class SaeSpec(_Strict):
@@ -196,11 +225,27 @@ class AttributionPlan(_Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # pydantic would read true as 1 byte
+            raise ValueError("true/false is not a size; give bytes (an integer) or a number with a unit, e.g. '8GiB'")
+        return value
+
     @field_validator("max_memory")
     @classmethod
     def _a_size(cls, value: int | str | None) -> int | str | None:
         if value is not None:
             parse_bytes(value)
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def _a_path(cls, value: str | None) -> str | None:
+        if value == "":
+            raise ValueError("must be a non-empty file path (.safetensors), or null to give it with -o / run(output=...)")
+        if value is not None and "\x00" in value:
+            raise ValueError("contains a NUL character, which no file path may hold")
         return value
 
     @model_validator(mode="after")
@@ -210,17 +255,18 @@ class AttributionPlan(_Strict):
             if spec.result_name in seen:
                 raise ValueError(
                     f"nodes[{i}] and nodes[{seen[spec.result_name]}] both write the result tensor "
-                    f"{spec.result_name!r}; give one of them a distinct 'name'"
+                    f"{shorten(spec.result_name)}; give one of them a distinct 'name'"
                 )
             seen[spec.result_name] = i
         names = [s.name for s in self.saes]
         for i, spec in enumerate(self.saes):
             if names.index(spec.name) != i:
-                raise ValueError(f"saes[{i}].name: {spec.name!r} is used twice")
+                raise ValueError(f"saes[{i}].name: {shorten(spec.name)} is used twice")
         for i, spec in enumerate(self.nodes):
             sae = getattr(spec, "sae", None)
             if sae is not None and sae not in names:
-                raise ValueError(f"nodes[{i}].sae: unknown SAE {sae!r}; the plan's saes: {names or 'none'}")
+                known = shorten(names) if names else "none"
+                raise ValueError(f"nodes[{i}].sae: unknown SAE {shorten(sae)}; the plan's saes: {known}")
         return self
 
     def to_json(self) -> str:
@@ -257,29 +303,14 @@ def parse_plan(data: Any) -> AttributionPlan:
         data = data.model_dump(mode="json", by_alias=True)
     if not isinstance(data, dict):
         raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
+    found = document_problems(data)
+    if found:
+        raise PlanError(problem_list(found))
     schema = data.get("schema", PLAN_SCHEMA)
     if schema != PLAN_SCHEMA:
-        raise PlanError(f"schema: this atpframework reads plans of schema {PLAN_SCHEMA!r}, got {schema!r}")
-    nodes = data.get("nodes")
-    kinds: list[str] = []
-    if isinstance(nodes, list):
-        for i, node in enumerate(nodes):
-            kind = node.get("kind") if isinstance(node, dict) else None
-            if not isinstance(kind, str):
-                raise PlanError(f"nodes[{i}].kind: missing; allowed: {', '.join(plugins.available('nodes'))}")
-            try:
-                plugins.load("nodes", kind)
-            except PluginError as err:
-                raise PlanError(f"nodes[{i}].kind: {err}") from err
-            kinds.append(kind)
-    model = data.get("model")
-    if isinstance(model, dict) and isinstance(model.get("backend", "transformer_lens"), str):
-        backend = model.get("backend", "transformer_lens")
-        if backend not in plugins.available("backends"):
-            raise PlanError(
-                f"model.backend: unknown backend {backend!r}; installed: {', '.join(plugins.available('backends'))} "
-                f"(third-party backends register under the entry-point group 'atpframework.backends')"
-            )
+        raise PlanError(f"schema: this atpframework reads plans of schema {PLAN_SCHEMA!r}, got {shorten(schema)}")
+    kinds = _node_kinds(data.get("nodes"))
+    _check_backend(data.get("model"))
     cls = plan_model(kinds) if kinds else AttributionPlan
     try:
         return cls.model_validate(data)
@@ -287,17 +318,217 @@ def parse_plan(data: Any) -> AttributionPlan:
         raise PlanError(format_validation_error(err, kinds)) from None
 
 
+def _node_kinds(nodes: Any) -> list[str]:
+    """The kind of every entry of ``nodes`` (their plugins imported); ``PlanError`` naming the entry otherwise."""
+    if not isinstance(nodes, list):
+        return []  # pydantic reports what nodes should be
+    kinds: list[str] = []
+    for i, node in enumerate(nodes):
+        if not isinstance(node, dict):
+            raise PlanError(f"nodes[{i}]: must be an object with a 'kind', got {shorten(node)}; kinds: {_kinds()}")
+        kind = node.get("kind")
+        if not isinstance(kind, str):
+            what = "missing" if kind is None else f"must be a string, got {shorten(kind)}"
+            raise PlanError(f"nodes[{i}].kind: {what}; allowed: {_kinds()}")
+        try:
+            plugins.load("nodes", kind)
+        except PluginError as err:
+            if kind in plugins.available("nodes"):  # installed, but broken
+                raise PlanError(f"nodes[{i}].kind: {err}") from err
+            raise PlanError(
+                f"nodes[{i}].kind: unknown node {shorten(kind)}; installed: {_kinds()} "
+                f"(third-party nodes register under the entry-point group {plugins.GROUPS['nodes']!r})"
+            ) from None
+        kinds.append(kind)
+    return kinds
+
+
+def _kinds() -> str:
+    """The installed node kinds, comma-separated."""
+    return ", ".join(plugins.available("nodes"))
+
+
+_known_backends: set[str] = set()
+"""Backend names seen installed (listing entry points takes milliseconds; a miss lists them again)."""
+
+
+def _check_backend(model: Any) -> None:
+    """``PlanError`` listing the installed backends if ``model.backend`` names none of them (other types: pydantic's)."""
+    backend = model.get("backend", "transformer_lens") if isinstance(model, dict) else None
+    if not isinstance(backend, str) or backend in _known_backends:
+        return
+    installed = plugins.available("backends")
+    _known_backends.update(installed)
+    if backend not in installed:
+        raise PlanError(
+            f"model.backend: unknown backend {shorten(backend)}; installed: {', '.join(installed)} "
+            f"(third-party backends register under the entry-point group {plugins.GROUPS['backends']!r})"
+        )
+
+
 def load_plan(path: str | Path) -> AttributionPlan:
-    """Read and validate a plan JSON file."""
+    """Read and validate a plan JSON file (UTF-8, at most ``MAX_PLAN_BYTES``, no key given twice in one object)."""
+    return parse_plan(_read_plan_json(path))
+
+
+def _read_plan_json(path: str | Path) -> Any:
+    """The JSON value in the file ``path``; ``PlanError`` naming the file if it is unreadable, too large,
+    not UTF-8 or not JSON. Keys given twice stay marked for ``document_problems``."""
+    label = _file_label(path)
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as file:
+            raw = file.read(MAX_PLAN_BYTES + 1)
     except OSError as err:
-        raise PlanError(f"cannot read plan file {str(path)!r}: {err.strerror}") from None
+        raise PlanError(f"cannot read plan file {shorten(str(path))}: {err.strerror or err}") from None
+    except ValueError as err:  # NUL or unencodable characters in the path
+        raise PlanError(f"cannot read plan file {shorten(str(path))}: {err}") from None
+    if len(raw) > MAX_PLAN_BYTES:
+        raise PlanError(f"{label}: the plan file is larger than {MAX_PLAN_BYTES // 2**20} MiB; allowed: at most that")
     try:
-        data = json.loads(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise PlanError(
+            f"{label}: not UTF-8 text (byte {raw[err.start]:#04x} at byte offset {err.start}: {err.reason}); "
+            "save the plan as UTF-8"
+        ) from None
+    return _parse_json(text.removeprefix("\ufeff"), label)
+
+
+def _parse_json(text: str, label: str) -> Any:
+    """``json.loads`` with duplicate keys marked and over-long integers kept as ``_LongInteger``."""
+    try:
+        return json.loads(text, object_pairs_hook=_json_object, parse_int=_json_int)
     except json.JSONDecodeError as err:
-        raise PlanError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
-    return parse_plan(data)
+        raise PlanError(f"{label}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    except RecursionError:
+        raise PlanError(
+            f"{label}: nested too deeply to read (plans need about five levels; allowed: at most {MAX_DEPTH})"
+        ) from None
+
+
+class _DuplicateKeys(dict):  # type: ignore[type-arg]
+    """A JSON object that gave some key more than once (JSON parsers keep the last value; plans refuse it)."""
+
+    duplicates: list[str]
+
+
+class _LongInteger:
+    """A JSON integer too long for ``int`` to read (over 4300 digits); ``document_problems`` reports it."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict; a ``_DuplicateKeys`` listing the keys given twice, if any."""
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    marked = _DuplicateKeys(obj)
+    seen: set[str] = set()
+    marked.duplicates = []
+    for key, _ in pairs:
+        if key in seen:
+            marked.duplicates.append(key)
+        seen.add(key)
+    return marked
+
+
+def _json_int(text: str) -> int | _LongInteger:
+    """A JSON integer; past 40 digits (far outside ``INT_RANGE``) only its length is kept."""
+    return int(text) if len(text) <= 40 else _LongInteger(len(text.lstrip("-")))
+
+
+def _file_label(path: str | Path) -> str:
+    """The plan file as messages name it: the path, or its repr cut short if long or unprintable."""
+    text = str(path)
+    return text if len(text) <= 200 and text.isprintable() else shorten(text)
+
+
+# ----------------------------------------------------------------------------------------- checks below the schema
+def document_problems(data: Any) -> list[str]:
+    """Problems no field type catches, one ``location: problem`` line each (at most ``MAX_PROBLEMS + 1``):
+    keys given twice, non-string keys, strings UTF-8 cannot encode (lone surrogates), integers outside
+    ``INT_RANGE``, nesting deeper than ``MAX_DEPTH`` (cycles included). Walks without recursion."""
+    found: list[str] = []
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack and len(found) <= MAX_PROBLEMS:
+        value, where, depth = stack.pop()
+        problem = _value_problem(value, depth)
+        if problem is not None:
+            found.append(f"{where or 'plan'}: {problem}")
+            continue
+        children: list[tuple[Any, str, int]] = []
+        if isinstance(value, dict):
+            key_problems = [f"{_child(where, k)}: {p}" for k in value if (p := _key_problem(value, k)) is not None]
+            found += key_problems
+            if not key_problems:
+                children = [(v, _child(where, k), depth + 1) for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            children = [(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+        if depth >= SHOWN_DEPTH:
+            children = [(v, where if where.endswith("...") else f"{where}...", d) for v, _, d in children]
+        stack += reversed(children)
+    return found
+
+
+def _value_problem(value: Any, depth: int) -> str | None:
+    """What is wrong with one value itself, or None."""
+    if depth > MAX_DEPTH:
+        return f"nested deeper than {MAX_DEPTH} levels (or a value that contains itself); plans need about five"
+    if isinstance(value, _LongInteger):
+        return f"an integer of {value.digits} digits; allowed: integers from -2**63 to 2**63-1"
+    if isinstance(value, int) and not isinstance(value, bool) and not INT_RANGE[0] <= value <= INT_RANGE[1]:
+        digits = int(abs(value).bit_length() * math.log10(2)) + 1
+        return f"an integer of about {digits} digits; allowed: integers from -2**63 to 2**63-1"
+    if isinstance(value, str):
+        return _text_problem(value)
+    return None
+
+
+def _key_problem(obj: dict[Any, Any], key: Any) -> str | None:
+    """What is wrong with one key of an object: not a string, given twice, or not encodable; or None."""
+    if not isinstance(key, str):
+        return f"keys must be strings, got {shorten(key)}"
+    if isinstance(obj, _DuplicateKeys) and key in obj.duplicates:
+        return "this key is given more than once in one JSON object (the last would silently win); allowed: each key once"
+    problem = _text_problem(key)
+    return f"the key {problem}" if problem else None
+
+
+def _text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be written as UTF-8 (a lone surrogate, e.g. from a ``"\\ud800"`` escape), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (
+            f"contains a lone surrogate ({text[err.start]!r} at character {err.start}), which UTF-8 cannot encode; "
+            "allowed: valid Unicode text (surrogates only as pairs)"
+        )
+    return None
+
+
+def _child(where: str, key: Any) -> str:
+    """The location of ``key`` inside the object at ``where`` (``nodes[0].name``)."""
+    name = key if isinstance(key, str) and len(key) <= 60 and key.isprintable() else shorten(key, 60)
+    return f"{where}.{name}" if where else name
+
+
+def problem_list(lines: list[str]) -> str:
+    """``invalid plan:`` and one indented line per problem: each cut to ``MAX_LINE`` characters,
+    at most ``MAX_PROBLEMS`` of them and about ``MAX_MESSAGE`` in all, then a count of the rest."""
+    lines = list(dict.fromkeys(lines))
+    shown: list[str] = []
+    size = 0
+    for line in lines:
+        line = line if len(line) <= MAX_LINE else f"{line[:MAX_LINE - 60]} ... {line[-50:]}"
+        if len(shown) == MAX_PROBLEMS or size + len(line) > MAX_MESSAGE:
+            break
+        shown.append(line)
+        size += len(line) + 3
+    if len(lines) > len(shown):
+        shown.append(f"... and {len(lines) - len(shown)} more problem(s)")
+    return "invalid plan:\n  " + "\n  ".join(shown)
 
 
 def plan_json_schema() -> dict[str, Any]:
@@ -320,13 +551,14 @@ def format_location(loc: tuple[Any, ...], tags: set[str]) -> str:
         if "[" in str(part) and "]" in str(part) and not str(part).isidentifier():
             # union branch names like "list[int]" or "literal['each','all']" add nothing for users
             continue
-        out += f".{part}" if out else str(part)
+        name = part if isinstance(part, str) and len(part) <= 60 and part.isprintable() else shorten(part, 60)
+        out += f".{name}" if out else name
         prev_index = out == "method"  # the method union's tag follows "method" as a node's follows "nodes[i]"
     return out or "plan"
 
 
 def format_validation_error(err: ValidationError, kinds: list[str]) -> str:
-    """One line per problem: location, what is wrong, the offending value."""
+    """One line per problem: location, what is wrong, the offending value (cut short; see ``problem_list``)."""
     tags = set(kinds) | set(METHOD_NAMES)
     lines: dict[str, str] = {}
     for e in err.errors():
@@ -337,7 +569,8 @@ def format_validation_error(err: ValidationError, kinds: list[str]) -> str:
         elif e["type"] in {"literal_error", "union_tag_invalid"}:
             msg = msg.replace("Input should be", "allowed:")
         value = e.get("input")
-        shown = "" if isinstance(value, (dict, list)) and e["type"] != "literal_error" else f" (got {value!r})"
+        got = shorten(value)
+        shown = "" if isinstance(value, (dict, list)) and e["type"] != "literal_error" or got in msg else f" (got {got})"
         # a union reports every branch; keep the first message per location
         lines.setdefault(loc, f"{loc}: {msg}{shown}")
-    return "invalid plan:\n  " + "\n  ".join(lines.values())
+    return problem_list(list(lines.values()))

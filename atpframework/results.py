@@ -8,10 +8,12 @@ float32, per-pair effects as ``atpf.sign_convention`` says; or sparse: ``scores.
 standard errors) and, after ``atpf verify``, ``verified.<name>.index`` / ``.rank`` (``verified``,
 int64 flat node indices and their place in the verification order) and ``verified.<name>.effects``
 (``pair verified``, exact effects); string metadata under ``atpf.*`` keys. Files are written atomically
-(a temporary file in the same directory, then ``os.replace``).
+(a temporary file in the same directory, then ``os.replace``). ``load_result`` checks every size the metadata
+claims against the stored tensors before allocating anything, and refuses malformed files with ``SchemaError``.
 """
 
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -21,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .errors import SchemaError
+from .errors import SchemaError, shorten
 from .files import write_atomically
 
 RESULT_SCHEMA = "atpf.result"
@@ -59,7 +61,9 @@ class NodeScores:
     def aggregate(self, how: Aggregate = "mean_abs") -> Tensor:
         """Combine pairs: ``mean_abs`` (default) or signed ``mean``; shape ``layer *axes``.
 
-        Sparse scores (``keep_top``) count the entries that were not kept as 0."""
+        Sparse scores (``keep_top``) count the entries that were not kept as 0. The result is dense: it
+        materialises every node the labels describe (up to ``MAX_NODES`` floats, 8 GiB), however few entries a
+        sparse selection stores; ``AttributionResult.top_k`` ranks sparse selections without it."""
         if how not in ("mean_abs", "mean"):
             raise ValueError(f"aggregate: allowed: 'mean_abs', 'mean' (got {how!r})")
         values = self.per_pair.abs() if how == "mean_abs" else self.per_pair
@@ -141,26 +145,28 @@ class AttributionResult:
         return self.nodes[name]
 
     def top_k(self, k: int = 10, how: Aggregate = "mean_abs", names: list[str] | None = None) -> list[TopNode]:
-        """The ``k`` nodes with the largest ``|score|`` across the chosen selections (all by default)."""
+        """The ``k`` nodes with the largest ``|score|`` across the chosen selections (all by default).
+
+        The order is fixed: nonzero scores by ``|score|`` descending, then zero scores, then NaN scores last of
+        all; equal ``|score|`` (the zeros among themselves, the NaNs among themselves) in selection order
+        (``names``, else the result's), then by ascending flat node index (row-major over ``layer *axes``).
+        A sparse selection (``keep_top``) is ranked from its stored entries alone: the nodes it does not store
+        score exactly 0 and are enumerated by flat index as needed, so memory and time grow with the stored
+        entries and ``k``, never with the dense shape the labels describe."""
+        if how not in ("mean_abs", "mean"):
+            raise ValueError(f"top_k: allowed: 'mean_abs', 'mean' (got {how!r})")
+        if k < 0:
+            raise ValueError(f"top_k: k must be >= 0 (got {k})")
         rows: list[TopNode] = []
         for name in names or list(self.nodes):
             ns = self[name]
-            agg = ns.aggregate(how)
-            signed = ns.aggregate("mean")
-            flat = agg.flatten()
-            order = flat.abs().argsort(descending=True)[:k]
-            for i in order.tolist():
-                coords = torch.unravel_index(torch.tensor(i), agg.shape)
-                rows.append(
-                    TopNode(
-                        name,
-                        ns.kind,
-                        {dim: _label(ns.index[dim], int(c)) for dim, c in zip(ns.dims[1:], coords)},
-                        float(flat[i]),
-                        float(signed.flatten()[i]),
-                    )
-                )
-        rows.sort(key=lambda r: -abs(r.score))
+            shape = tuple(ns.per_pair.shape[1:])
+            flat, score, signed = _ranked(ns, k, how)
+            for i, s, m in zip(flat.tolist(), score.tolist(), signed.tolist()):
+                coords = torch.unravel_index(torch.tensor(i), shape)
+                named = {dim: _label(ns.index[dim], int(c)) for dim, c in zip(ns.dims[1:], coords)}
+                rows.append(TopNode(name, ns.kind, named, s, m))
+        rows.sort(key=lambda r: (math.isnan(r.score), -abs(r.score)))  # stable: ties keep the order above
         return rows[:k]
 
     def to_dataframe(self, how: Aggregate = "mean_abs") -> Any:
@@ -228,64 +234,345 @@ class AttributionResult:
 
 
 def load_result(path: str | Path) -> AttributionResult:
-    """Read a result file written by ``AttributionResult.save``; ``SchemaError`` for foreign or newer files."""
+    """Read a result file written by ``AttributionResult.save``.
+
+    Every size the metadata claims is checked against the tensors actually stored before anything is
+    allocated (the checks are listed in ``docs/result-format.md``, "What loading checks"); a foreign,
+    newer or malformed file raises ``SchemaError`` naming the file and the offending field. Tensors and
+    metadata keys this reader does not use are ignored."""
+    path = Path(path)
+    meta, tensors = _read_file(path)
+    try:
+        return _parse(meta, tensors)
+    except _Invalid as bad:
+        raise SchemaError(f"{path}: {bad}") from None
+
+
+MAX_NODES = 2**31
+"""Most nodes (entries per pair: the product of the axis sizes after ``pair``) one selection may have.
+``aggregate`` densifies a sparse selection to this many floats, so a file claiming more is refused."""
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_READ_PREFIXES = ("scores.", "metric.", "tokens.", "extras.", "verified.")
+_VERIFIED_PARTS = ("index", "rank", "effects")
+
+
+class _Invalid(Exception):
+    """A malformed field of a result file; ``load_result`` turns it into a ``SchemaError`` naming the file."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+
+
+def _read_file(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """Open ``path``, check the schema id and version, and read the tensors under the keys results use."""
     from safetensors import safe_open
 
-    path = Path(path)
     try:
         handle = safe_open(str(path), framework="pt")
     except FileNotFoundError:
         raise SchemaError(f"{path}: no such file") from None
     except Exception as err:
-        raise SchemaError(f"{path}: not a safetensors file ({err})") from None
+        raise SchemaError(f"{path}: not a safetensors file ({shorten(str(err))})") from None
     with handle as f:
         meta = f.metadata() or {}
         if meta.get("atpf.schema") != RESULT_SCHEMA:
             raise SchemaError(f"{path}: not an atpframework result (no 'atpf.schema' = {RESULT_SCHEMA!r} in its metadata)")
-        try:
-            file_version = int(meta.get("atpf.schema_version", ""))
-        except ValueError:
-            raise SchemaError(f"{path}: unreadable atpf.schema_version {meta.get('atpf.schema_version')!r}") from None
-        if file_version > RESULT_SCHEMA_VERSION:
-            raise SchemaError(
-                f"{path}: written with result schema version {file_version}, newer than this atpframework reads "
-                f"({RESULT_SCHEMA_VERSION}); upgrade atpframework"
-            )
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    node_meta = json.loads(meta["atpf.nodes"])
-    lengths = tensors["tokens.length"].tolist()
-    try:
-        nodes = {name: NodeScores(name, m["kind"], tuple(m["dims"]), m["index"], _scores(tensors, name, m)) for name, m in node_meta.items()}
-    except (KeyError, RuntimeError) as err:
-        raise SchemaError(f"{path}: inconsistent score tensors ({type(err).__name__}: {err})") from None
+        _check_version(path, meta.get("atpf.schema_version"))
+        tensors = {}
+        for key in f.keys():
+            if key.startswith(_READ_PREFIXES):
+                try:
+                    tensors[key] = f.get_tensor(key)
+                except Exception as err:  # noqa: BLE001 - e.g. a dtype torch cannot hold
+                    raise SchemaError(f"{path}: tensor {shorten(key)}: unreadable ({shorten(str(err))})") from None
+    return meta, tensors
+
+
+def _check_version(path: Path, text: str | None) -> None:
+    """``atpf.schema_version`` must be a whole number from 1 to ``RESULT_SCHEMA_VERSION``."""
+    if text is None or not text.isascii() or not text.isdigit() or len(text) > 9 or int(text) < 1:
+        raise SchemaError(f"{path}: unreadable atpf.schema_version {shorten(text)} (allowed: a whole number from 1 up)")
+    if int(text) > RESULT_SCHEMA_VERSION:
+        raise SchemaError(
+            f"{path}: written with result schema version {int(text)}, newer than this atpframework reads "
+            f"({RESULT_SCHEMA_VERSION}); upgrade atpframework"
+        )
+
+
+_REQUIRED_META = ("atpf.plan", "atpf.method", "atpf.metric", "atpf.nodes", "atpf.model", "atpf.versions")
+
+
+def _parse(meta: dict[str, str], tensors: dict[str, Tensor]) -> AttributionResult:
+    """The checked result, metadata first, then each tensor against it; ``_Invalid`` for the first wrong field."""
+    for key in _REQUIRED_META:
+        if key not in meta:
+            raise _Invalid(key, "missing from the metadata (required)")
+    _json_field(meta["atpf.plan"], "atpf.plan", dict)
+    model = _json_field(meta["atpf.model"], "atpf.model", dict)
+    versions = _json_field(meta["atpf.versions"], "atpf.versions", dict)
+    verification = _json_field(meta.get("atpf.verification", "{}"), "atpf.verification", dict)
+    selections = _check_nodes_meta(_json_field(meta["atpf.nodes"], "atpf.nodes", dict))
+    metric_clean = _tensor(tensors, "metric.clean", _FLOAT_DTYPES, 1).float()
+    n_pairs = len(metric_clean)
+    if n_pairs == 0:
+        raise _Invalid("metric.clean", "no pairs (a result has at least one)")
+    metric_noise = _tensor(tensors, "metric.noise", _FLOAT_DTYPES, 1, n_pairs).float()
+    clean_tokens, noise_tokens = _tokens(tensors, n_pairs)
+    nodes = {name: _node_scores(tensors, name, sel, n_pairs) for name, sel in selections.items()}
     return AttributionResult(
         nodes=nodes,
-        metric_clean=tensors["metric.clean"],
-        metric_noise=tensors["metric.noise"],
-        clean_tokens=[row[:n] for row, n in zip(tensors["tokens.clean"].tolist(), lengths)],
-        noise_tokens=[row[:n] for row, n in zip(tensors["tokens.noise"].tolist(), lengths)],
+        metric_clean=metric_clean,
+        metric_noise=metric_noise,
+        clean_tokens=clean_tokens,
+        noise_tokens=noise_tokens,
         plan_json=meta["atpf.plan"],
         method=meta["atpf.method"],
         metric=meta["atpf.metric"],
-        model=json.loads(meta["atpf.model"]),
-        versions=json.loads(meta["atpf.versions"]),
+        model=model,
+        versions=versions,
         created=meta.get("atpf.created", ""),
         sign_convention=meta.get("atpf.sign_convention", SIGN_CONVENTION),
-        extras={k.removeprefix("extras."): v for k, v in tensors.items() if k.startswith("extras.")},
-        verified={
-            name: VerifiedNodes(tensors[f"verified.{name}.index"], tensors[f"verified.{name}.rank"], tensors[f"verified.{name}.effects"])
-            for name in node_meta
-            if f"verified.{name}.index" in tensors
-        },
-        verification=json.loads(meta.get("atpf.verification", "{}")),
+        extras=_extras(tensors, n_pairs),
+        verified=_verified(tensors, nodes, n_pairs),
+        verification=verification,
     )
 
 
-def _scores(tensors: dict[str, Tensor], name: str, meta: dict[str, Any]) -> Tensor:
-    if meta.get("layout", "dense") == "sparse_coo":
-        indices, values = tensors[f"scores.{name}.indices"], tensors[f"scores.{name}.values"]
-        return torch.sparse_coo_tensor(indices, values, tuple(meta["shape"]), check_invariants=True).coalesce()
-    return tensors[f"scores.{name}"]
+def _json_field(text: str, field: str, kind: type) -> Any:
+    """``text`` parsed as JSON, which must be a ``kind`` (``dict``: a JSON object)."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as err:  # RecursionError: nested too deeply to parse
+        raise _Invalid(field, f"not valid JSON ({type(err).__name__}: {shorten(str(err), 80)})") from None
+    if not isinstance(value, kind):
+        expected = "a JSON object" if kind is dict else kind.__name__
+        raise _Invalid(field, f"expected {expected}, got {type(value).__name__} {shorten(value, 80)}")
+    return value
+
+
+def _tensor(tensors: dict[str, Tensor], key: str, dtypes: tuple[torch.dtype, ...], ndim: int | None,
+            n_pairs: int | None = None) -> Tensor:
+    """The stored tensor ``key``: present, of one of ``dtypes``, ``ndim`` axes (None: at least one) and,
+    given ``n_pairs``, that many rows."""
+    if key not in tensors:
+        raise _Invalid(_key(key), "tensor missing (required)")
+    value = tensors[key]
+    allowed = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+    if value.dtype not in dtypes:
+        raise _Invalid(_key(key), f"dtype {str(value.dtype).removeprefix('torch.')}, allowed: {allowed}")
+    if (value.ndim != ndim) if ndim is not None else value.ndim < 1:
+        expected = ndim if ndim is not None else "at least 1"
+        raise _Invalid(_key(key), f"{value.ndim} axes {tuple(value.shape)}, expected {expected}")
+    if n_pairs is not None and value.shape[0] != n_pairs:
+        raise _Invalid(_key(key), f"{value.shape[0]} rows, expected one per pair ({n_pairs}, the length of metric.clean)")
+    return value
+
+
+def _tokens(tensors: dict[str, Tensor], n_pairs: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Clean and noise token lists, padding removed; ``tokens.length`` must fit both padded widths."""
+    clean = _tensor(tensors, "tokens.clean", (torch.int64,), 2, n_pairs)
+    noise = _tensor(tensors, "tokens.noise", (torch.int64,), 2, n_pairs)
+    lengths = _tensor(tensors, "tokens.length", (torch.int64,), 1, n_pairs)
+    width = min(clean.shape[1], noise.shape[1])
+    if bool(((lengths < 0) | (lengths > width)).any()):
+        raise _Invalid("tokens.length", f"{shorten(lengths.tolist())}: each must be from 0 to {width} "
+                       "(the padded width of tokens.clean and tokens.noise)")
+    n = lengths.tolist()
+    return [row[:k] for row, k in zip(clean.tolist(), n)], [row[:k] for row, k in zip(noise.tolist(), n)]
+
+
+def _key(name: str) -> str:
+    """A tensor key or selection name as it appears in a message: as is, or shortened if long or odd."""
+    return name if len(name) <= 80 and name.isprintable() else shorten(name, 80)
+
+
+MAX_AXES = 16
+"""Most axes (``pair`` and ``layer`` included) a selection's scores may have."""
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """One checked entry of ``atpf.nodes``."""
+
+    kind: str
+    dims: tuple[str, ...]
+    index: dict[str, list[int] | str]
+    sizes: tuple[int, ...]
+    """Axis sizes after ``pair`` that the labels describe (1 for ``"all"``)."""
+    layout: str
+    shape: Any
+    """The dense shape claimed by a ``sparse_coo`` layout (checked by ``_sparse_scores``)."""
+
+
+def _check_nodes_meta(raw: dict[str, Any]) -> dict[str, _Selection]:
+    """``atpf.nodes``: per selection name a JSON object with ``kind``, ``dims``, ``index`` and ``layout``."""
+    out = {}
+    for name, m in raw.items():
+        if not isinstance(m, dict):
+            raise _Invalid(f"atpf.nodes.{_key(name)}", f"expected a JSON object, got {type(m).__name__} {shorten(m, 80)}")
+        out[name] = _check_selection(f"atpf.nodes.{_key(name)}", m)
+    return out
+
+
+def _check_selection(field: str, m: dict[str, Any]) -> _Selection:
+    """One selection's metadata; its label lists bound the size of everything stored for it."""
+    kind, dims, index, layout = m.get("kind"), m.get("dims"), m.get("index"), m.get("layout", "dense")
+    if not isinstance(kind, str):
+        raise _Invalid(f"{field}.kind", f"expected the node type name (a string), got {shorten(kind, 80)}")
+    if (not isinstance(dims, list) or not 2 <= len(dims) <= MAX_AXES or dims[:2] != ["pair", "layer"]
+            or not all(isinstance(d, str) for d in dims) or len(set(dims)) != len(dims)):
+        raise _Invalid(f"{field}.dims", f"expected a list of 2 to {MAX_AXES} distinct axis names starting 'pair', 'layer', "
+                       f"got {shorten(dims)}")
+    if not isinstance(index, dict) or set(index) != set(dims[1:]):
+        got = sorted(index) if isinstance(index, dict) else index
+        raise _Invalid(f"{field}.index", f"expected a JSON object with one entry per axis after 'pair' in {field}.dims "
+                       f"({shorten(', '.join(dims[1:]), 120)}), got {shorten(got)}")
+    for dim in dims[1:]:
+        labels = index[dim]
+        if labels != "all" and not (isinstance(labels, list) and all(type(x) is int for x in labels)):
+            raise _Invalid(f"{field}.index.{_key(dim)}", f'expected "all" or a list of whole numbers, got {shorten(labels)}')
+    sizes = tuple(1 if index[d] == "all" else len(index[d]) for d in dims[1:])
+    if math.prod(sizes) > MAX_NODES:
+        raise _Invalid(f"{field}.index", f"describes {math.prod(sizes)} nodes per pair (axis sizes {sizes}); "
+                       f"at most {MAX_NODES} are read")
+    if layout not in ("dense", "sparse_coo"):
+        raise _Invalid(f"{field}.layout", f'allowed: "dense", "sparse_coo" (got {shorten(layout, 80)})')
+    return _Selection(kind, tuple(dims), index, sizes, layout, m.get("shape"))
+
+
+def _node_scores(tensors: dict[str, Tensor], name: str, sel: _Selection, n_pairs: int) -> NodeScores:
+    """The scores of one selection, dense or sparse, shaped ``n_pairs, *sel.sizes``."""
+    scores = _sparse_scores if sel.layout == "sparse_coo" else _dense_scores
+    return NodeScores(name, sel.kind, sel.dims, sel.index, scores(tensors, name, sel, n_pairs))
+
+
+def _expected_shape(name: str, sel: _Selection, n_pairs: int) -> str:
+    return (f"expected {[n_pairs, *sel.sizes]} (the number of pairs in metric.clean, then per axis the number of "
+            f'labels in atpf.nodes.{_key(name)}.index, 1 for "all")')
+
+
+def _dense_scores(tensors: dict[str, Tensor], name: str, sel: _Selection, n_pairs: int) -> Tensor:
+    """``scores.<name>``: float, one axis per dim, one row per pair and one entry per label."""
+    value = _tensor(tensors, f"scores.{name}", _FLOAT_DTYPES, None, n_pairs)
+    if value.ndim != len(sel.dims):
+        raise _Invalid(_key(f"scores.{name}"), f"{value.ndim} axes {list(value.shape)}, but atpf.nodes.{_key(name)}.dims "
+                       f"names {len(sel.dims)}: {shorten(list(sel.dims))}")
+    if tuple(value.shape[1:]) != sel.sizes:
+        raise _Invalid(_key(f"scores.{name}"), f"shape {list(value.shape)}, {_expected_shape(name, sel, n_pairs)}")
+    return value.float()
+
+
+def _sparse_scores(tensors: dict[str, Tensor], name: str, sel: _Selection, n_pairs: int) -> Tensor:
+    """``scores.<name>.indices`` / ``.values`` as a COO tensor of the claimed ``shape``, which must match the
+    labels; every stored coordinate is checked in bounds before the tensor is built."""
+    shape, field = sel.shape, f"atpf.nodes.{_key(name)}.shape"
+    if not isinstance(shape, list) or not all(type(x) is int and x >= 0 for x in shape):
+        raise _Invalid(field, f"expected a list of sizes (whole numbers >= 0), got {shorten(shape)}")
+    if shape != [n_pairs, *sel.sizes]:
+        raise _Invalid(field, f"{shorten(shape)}, {_expected_shape(name, sel, n_pairs)}")
+    indices = _tensor(tensors, f"scores.{name}.indices", (torch.int64,), 2)
+    values = _tensor(tensors, f"scores.{name}.values", _FLOAT_DTYPES, 1)
+    if indices.shape[0] != len(shape) or values.shape[0] != indices.shape[1]:
+        raise _Invalid(_key(f"scores.{name}.indices"), f"shape {list(indices.shape)} with {values.shape[0]} values; expected "
+                       f"[{len(shape)}, nnz] (one row per axis of {shape}) and nnz values")
+    if indices.numel() and bool(((indices < 0) | (indices >= torch.tensor(shape).unsqueeze(1))).any()):
+        raise _Invalid(_key(f"scores.{name}.indices"), f"a coordinate lies outside the shape {shape}")
+    try:
+        return torch.sparse_coo_tensor(indices, values.float(), tuple(shape), check_invariants=True).coalesce()
+    except RuntimeError as err:
+        raise _Invalid(_key(f"scores.{name}"), f"not a valid sparse tensor ({shorten(str(err), 80)})") from None
+
+
+def _extras(tensors: dict[str, Tensor], n_pairs: int) -> dict[str, Tensor]:
+    """``extras.*``: float tensors with one row per pair."""
+    keys = [k for k in tensors if k.startswith("extras.")]
+    return {k.removeprefix("extras."): _tensor(tensors, k, _FLOAT_DTYPES, None, n_pairs).float() for k in keys}
+
+
+def _verified(tensors: dict[str, Tensor], nodes: dict[str, NodeScores], n_pairs: int) -> dict[str, VerifiedNodes]:
+    """``verified.<name>.index`` / ``.rank`` / ``.effects`` of selections in ``atpf.nodes``, with consistent sizes."""
+    named = {k.removeprefix("verified.").rpartition(".")[0] for k in tensors
+             if k.startswith("verified.") and k.rpartition(".")[2] in _VERIFIED_PARTS}
+    unknown = sorted(named - set(nodes))
+    if unknown:
+        have = shorten(", ".join(nodes), 120) if nodes else "(none)"
+        raise _Invalid(_key(f"verified.{unknown[0]}"), f"no selection {shorten(unknown[0], 80)} in atpf.nodes; verified "
+                       f"tensors must belong to one of: {have}")
+    return {name: _verified_nodes(tensors, name, nodes[name], n_pairs) for name in nodes if name in named}
+
+
+def _verified_nodes(tensors: dict[str, Tensor], name: str, ns: NodeScores, n_pairs: int) -> VerifiedNodes:
+    """One selection's verified nodes: ``V`` flat indices within the selection, ``V`` ranks, ``pair V`` effects."""
+    index = _tensor(tensors, f"verified.{name}.index", (torch.int64,), 1)
+    rank = _tensor(tensors, f"verified.{name}.rank", (torch.int64,), 1)
+    effects = _tensor(tensors, f"verified.{name}.effects", _FLOAT_DTYPES, 2, n_pairs)
+    if len(rank) != len(index) or effects.shape[1] != len(index):
+        raise _Invalid(_key(f"verified.{name}"), f"{len(index)} indices, {len(rank)} ranks and effects of shape "
+                       f"{list(effects.shape)}; expected V, V and [{n_pairs}, V]")
+    n_nodes = math.prod(ns.per_pair.shape[1:])
+    if len(index) and (int(index.min()) < 0 or int(index.max()) >= n_nodes):
+        raise _Invalid(_key(f"verified.{name}.index"), f"values from {int(index.min())} to {int(index.max())}; allowed: 0 to "
+                       f"{n_nodes - 1} (flat indices into the selection's {n_nodes} nodes)")
+    return VerifiedNodes(index, rank, effects.float())
+
+
+# ----------------------------------------------------------------------------------------- ranking
+def _ranked(ns: NodeScores, k: int, how: Aggregate) -> tuple[Tensor, Tensor, Tensor]:
+    """The first ``k`` nodes of one selection in ``top_k``'s order: flat indices, scores, signed means."""
+    if ns.per_pair.is_sparse and ns.per_pair.dense_dim() == 0:
+        return _ranked_sparse(ns.per_pair, k, how)
+    score = ns.aggregate(how).flatten()
+    signed = score if how == "mean" else ns.aggregate("mean").flatten()
+    order = _order(score)[:k]
+    return order, score[order], signed[order]
+
+
+def _order(score: Tensor) -> Tensor:
+    """Positions of ``score`` by ``|score|`` descending, NaN last, ties by ascending position."""
+    key = score.abs().nan_to_num(nan=-1.0, posinf=math.inf)
+    return torch.sort(key, descending=True, stable=True).indices
+
+
+def _ranked_sparse(per_pair: Tensor, k: int, how: Aggregate) -> tuple[Tensor, Tensor, Tensor]:
+    """``_ranked`` for a sparse COO selection, touching only its stored entries: the stored nonzero scores
+    ranked, then the first zero-score nodes by flat index (stored or not), then the stored NaN scores."""
+    per_pair = per_pair.cpu()  # only the stored entries move
+    flat, score = _stored_means(per_pair, how)
+    flat_s, signed = (flat, score) if how == "mean" else _stored_means(per_pair, "mean")
+    is_nan = score.isnan()
+    nonzero = ~is_nan & (score != 0)
+    top = flat[nonzero][_order(score[nonzero])][:k]
+    n_nodes = math.prod(per_pair.shape[1:])
+    zeros = _first_free(flat[score != 0], k - len(top), n_nodes)
+    order = torch.cat([top, zeros, flat[is_nan]])[:k]
+    return order, _lookup(flat, score, order), _lookup(flat_s, signed, order)
+
+
+def _stored_means(per_pair: Tensor, how: Aggregate) -> tuple[Tensor, Tensor]:
+    """Per node with a stored entry: its flat index (ascending) and its aggregate over pairs, computed
+    exactly as ``NodeScores.aggregate`` does but without densifying."""
+    values = per_pair.abs() if how == "mean_abs" else per_pair
+    sums = torch.sparse.sum(values, dim=0).coalesce()  # coalesced: indices in row-major (flat) order
+    shape = sums.shape
+    strides = torch.tensor([math.prod(shape[d + 1:]) for d in range(len(shape))], dtype=torch.int64)
+    flat = (sums.indices() * strides.unsqueeze(1)).sum(dim=0)
+    return flat, sums.values() / per_pair.shape[0]
+
+
+def _first_free(taken: Tensor, count: int, total: int) -> Tensor:
+    """The ``count`` smallest of ``0 .. total - 1`` not in ``taken`` (fewer if there are not that many)."""
+    if count <= 0:
+        return torch.zeros(0, dtype=torch.int64)
+    candidates = torch.arange(min(total, count + len(taken)), dtype=torch.int64)
+    return candidates[~torch.isin(candidates, taken)][:count]
+
+
+def _lookup(flat: Tensor, values: Tensor, query: Tensor) -> Tensor:
+    """``values`` at the nodes ``query`` (``flat``: their ascending flat indices), 0 for nodes not in ``flat``."""
+    if len(flat) == 0:
+        return torch.zeros(len(query), dtype=values.dtype)
+    at = torch.searchsorted(flat, query).clamp(max=len(flat) - 1)
+    return torch.where(flat[at] == query, values[at], torch.zeros((), dtype=values.dtype))
 
 
 def package_versions() -> dict[str, str]:

@@ -24,16 +24,17 @@ into passes that read their views.
 """
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from einops import rearrange
-from torch import Tensor
+from torch import Tensor, nn
 
 from .backend import AbstractBackend, SiteHook
-from .errors import BackendError, PlanError
+from .errors import BackendError, PlanError, shorten
 from .sites import Site
 
 _HOOK_SITES = [
@@ -110,18 +111,46 @@ def load_saes(specs: Sequence[Any], backend: AbstractBackend, in_memory: Mapping
     return out
 
 
+@contextmanager
+def weights_only_loading() -> Iterator[None]:
+    """``torch.load`` forced to ``weights_only=True`` while sae_lens loads an SAE.
+
+    sae_lens's pretrained loaders call ``torch.load`` without ``weights_only``, which is safe only
+    while torch's default says so (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` turns it off). A plan can come
+    from someone else, so a pickled SAE file may load tensors and nothing else, whatever the caller
+    or the environment asks."""
+    import torch
+
+    original = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = load  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
 def _load_one(spec: Any, in_memory: Mapping[str, Any], where: str) -> tuple[Any, str]:
     if spec.name in in_memory:
         return in_memory[spec.name].eval(), "in_memory"
+    with weights_only_loading():
+        return _load_from_files(spec, where)
+
+
+def _load_from_files(spec: Any, where: str) -> tuple[Any, str]:
     if spec.path is not None:
         from sae_lens import SAE
 
         if not (Path(spec.path) / "cfg.json").is_file():
-            raise PlanError(f"{where}.path: {spec.path!r} is not a sae_lens directory (no cfg.json)")
+            raise PlanError(f"{where}.path: {shorten(spec.path)} is not a sae_lens directory (no cfg.json)")
         try:
             return SAE.load_from_disk(spec.path, device="cpu").eval(), spec.path
         except Exception as err:
-            raise BackendError(f"{where}.path: sae_lens cannot load {spec.path!r} ({type(err).__name__}: {err})") from err
+            raise BackendError(f"{where}.path: sae_lens cannot load {shorten(spec.path)} ({type(err).__name__}: {shorten(str(err))})") from err
     if spec.release is not None:
         from sae_lens import SAE
 
@@ -208,6 +237,13 @@ class SplicedBackend(AbstractBackend):
         out = self.inner.describe()
         out["saes"] = [a.describe() for a in self.attached.values()]
         return out
+
+    def weights(self) -> Iterable[tuple[str, Tensor]] | None:
+        inner = self.inner.weights()
+        if inner is None or not all(isinstance(a.sae, nn.Module) for a in self.attached.values()):
+            return None
+        saes = [(f"sae.{a.name}.{key}", t) for a in self.attached.values() for key, t in a.sae.state_dict().items()]
+        return [*inner, *saes]
 
     def forward(self, tokens: Tensor, hooks: Mapping[Site, Sequence[SiteHook]]) -> Tensor:
         return self.inner.forward(tokens, self._plain_hooks(hooks))

@@ -49,6 +49,7 @@ from atpframework.backend import (
     start_hooks,
     tokenize_text,
     tokenizer_adds_bos,
+    usable_tokenizer,
 )
 from atpframework.bundled import BUNDLED_PREFIX, bundled_model_dir
 from atpframework.errors import BackendError, PlanError
@@ -361,8 +362,8 @@ class HuggingFaceBackend(AbstractBackend):
         if model.get_output_embeddings() is None:
             raise BackendError(f"{type(model).__name__} has no language-model head; load it with AutoModelForCausalLM")
         self.model = model
-        self.tokenizer = tokenizer
-        self.default_prepend_bos = tokenizer_adds_bos(tokenizer) if prepend_bos is None else prepend_bos
+        self.tokenizer = usable_tokenizer(tokenizer)
+        self.default_prepend_bos = tokenizer_adds_bos(self.tokenizer) if prepend_bos is None else prepend_bos
         config = model.config
         param = next(model.parameters())
         parallel = self.adapter.parallel_blocks()
@@ -382,6 +383,7 @@ class HuggingFaceBackend(AbstractBackend):
             positional_embedding=self.adapter.positional_embedding,
             normalization=self.adapter.normalization,
             parallel_blocks=parallel,
+            n_ctx=_context_length(config),
         )
 
     # ----------------------------------------------------------------- loading
@@ -617,6 +619,15 @@ def _residual_write_hook(
 def _pass_hidden_states_through(hidden_states: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
     """Stands in for a skipped decoder layer's ``forward`` (every supported layer returns its hidden states)."""
     return hidden_states if hidden_states is not None else args[0]
+
+
+def _context_length(config: Any) -> int | None:
+    """The longest input the model's positions cover (``max_position_embeddings`` or GPT-2's ``n_positions``)."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _input_device(model: nn.Module) -> torch.device:

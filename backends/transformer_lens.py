@@ -28,6 +28,7 @@ from atpframework.backend import (
     start_hooks,
     tokenize_text,
     tokenizer_adds_bos,
+    usable_tokenizer,
 )
 from atpframework.bundled import BUNDLED_PREFIX, bundled_model_dir
 from atpframework.errors import BackendError, PlanError
@@ -60,7 +61,7 @@ class TransformerLensBackend(AbstractBackend):
             raise BackendError("the model is in training mode (dropout would make patching noisy); call model.eval() first")
         self.model = model
         self.is_bridge = not isinstance(model, HookedTransformer)
-        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        self.tokenizer = usable_tokenizer(tokenizer if tokenizer is not None else getattr(model, "tokenizer", None))
         cfg = model.cfg
         rotary = getattr(cfg, "positional_embedding_type", "standard") == "rotary"
         self._qk_hook = "hook_rot_{}" if rotary else "hook_{}"
@@ -85,6 +86,7 @@ class TransformerLensBackend(AbstractBackend):
             positional_embedding=str(getattr(cfg, "positional_embedding_type", "standard")),
             normalization=str(getattr(cfg, "normalization_type", None) or "none"),
             parallel_blocks=parallel,
+            n_ctx=getattr(cfg, "n_ctx", None),
         )
 
     # ----------------------------------------------------------------- loading

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,117 @@ def test_example_plans_validate(path):
     """The shipped examples stay valid as the schema evolves (loading their models is not needed)."""
     plan = af.load_plan(path)
     assert plan.nodes and plan.output
+
+
+# ----------------------------------------------------------------------------------------- no raw exceptions (regressions)
+def test_huge_and_boolean_sizes_are_plan_errors_naming_max_memory():
+    from atpframework.chunking import MAX_BYTES, parse_bytes
+
+    for bad in (10**400, "9" * 400, "9" * 400 + "GiB", 2**63, "8388608TiB", True, False):
+        with pytest.raises(PlanError, match=r"max_memory: ") as info:
+            af.parse_plan(with_changes(max_memory=bad))
+        assert "allowed" in str(info.value) or "true/false" in str(info.value)
+        with pytest.raises(ValueError, match=r"too large; allowed: at most 2\*\*63-1 bytes|not a size"):
+            parse_bytes(bad)
+    assert parse_bytes(MAX_BYTES) == MAX_BYTES == 2**63 - 1 and parse_bytes("8388607.999999TiB") < MAX_BYTES
+    assert parse_bytes("0.9999999999999999999999999999999999KiB") == 1023  # exact: no float rounding up to 1024
+    with pytest.raises(ValueError, match=r"must be positive \(at least 1 byte\)"):
+        parse_bytes("0.99999999999999999999999999999999")
+
+
+def write_bytes(tmp_path, data: bytes) -> Path:
+    path = tmp_path / "plan.json"
+    path.write_bytes(data)
+    return path
+
+
+def test_plan_files_that_are_not_utf8_nested_too_deeply_or_hold_huge_integers(tmp_path):
+    text = json.dumps(full_plan()).encode()
+    with pytest.raises(PlanError, match=r"plan\.json: not UTF-8 text \(byte 0xff at byte offset 12: invalid start byte\)"):
+        af.load_plan(write_bytes(tmp_path, text[:12] + b"\xff" + text[12:]))
+    with pytest.raises(PlanError, match=r"plan\.json: nested too deeply"):
+        af.load_plan(write_bytes(tmp_path, b"[" * 100_000 + b"]" * 100_000))
+    with pytest.raises(PlanError, match=r"^invalid plan:\n  nodes\[0\]\.layers\[0\]\[0\].*\.\.\.: nested deeper than 100 levels"):
+        af.load_plan(write_bytes(tmp_path, text.replace(b"[1]", b"[" * 500 + b"1" + b"]" * 500, 1)))
+    with pytest.raises(PlanError, match=r"^invalid plan:\n  batch_size: an integer of 5000 digits; allowed: integers from -2\*\*63"):
+        af.load_plan(write_bytes(tmp_path, text.replace(b'"batch_size": 1', b'"batch_size": ' + b"7" * 5000)))
+    # a byte order mark is allowed
+    assert af.load_plan(write_bytes(tmp_path, b"\xef\xbb\xbf" + text)).to_json() == af.parse_plan(full_plan()).to_json()
+
+
+def test_duplicate_keys_in_a_plan_file_are_refused_with_their_location(tmp_path):
+    text = json.dumps(full_plan()).encode()
+    with pytest.raises(PlanError, match=r"^invalid plan:\n  batch_size: this key is given more than once"):
+        af.load_plan(write_bytes(tmp_path, b'{"batch_size": 4, ' + text[1:]))
+    nested = text.replace(b'{"kind": "mlp_neuron", ', b'{"kind": "mlp_neuron", "kind": "resid", ', 1)
+    with pytest.raises(PlanError, match=r"nodes\[1\]\.kind: this key is given more than once .*allowed: each key once"):
+        af.load_plan(write_bytes(tmp_path, nested))
+
+
+def test_lone_surrogates_are_refused_where_they_occur(tmp_path):
+    text = json.dumps(full_plan()).replace('"neurons_last"', '"neurons\\ud800"').encode()
+    assert b"\\ud800" in text  # valid JSON, but no UTF-8 text can hold it
+    with pytest.raises(PlanError, match=r"nodes\[1\]\.name: contains a lone surrogate \('\\ud800' at character 7\)"):
+        af.load_plan(write_bytes(tmp_path, text))
+    with pytest.raises(PlanError, match=r"prompts\[0\]\.'\\udcff': the key contains a lone surrogate"):
+        af.parse_plan(with_changes(prompts=[{**make_plan([])["prompts"][0], "\udcff": 1}]))
+
+
+def test_plan_files_over_the_size_limit_are_refused(tmp_path, monkeypatch):
+    import atpframework.plan as plan_module
+
+    path = write_bytes(tmp_path, json.dumps(full_plan()).encode())
+    monkeypatch.setattr(plan_module, "MAX_PLAN_BYTES", 100)
+    with pytest.raises(PlanError, match=r"plan\.json: the plan file is larger than .* MiB"):
+        af.load_plan(path)
+
+
+def test_messages_are_cut_short_and_problems_counted():
+    huge = "n" * 5_000_000
+    with pytest.raises(PlanError) as info:
+        af.parse_plan(with_changes(nodes=[{"kind": "resid", "name": huge}, {"kind": "attn_head", "name": huge}]))
+    assert len(str(info.value)) < 1000 and "(5000002 characters)" in str(info.value)
+    with pytest.raises(PlanError) as info:
+        af.parse_plan(with_changes(**{f"bogus{i}": "x" * 10_000 for i in range(50)}))
+    message = str(info.value)
+    assert len(message) < 3000 and message.count("\n") <= 21
+    assert re.search(r"\n  \.\.\. and \d+ more problem\(s\)$", message)
+    with pytest.raises(PlanError) as info:
+        af.parse_plan(with_changes(nodes=[{"kind": "x" * 100_000}]))
+    assert len(str(info.value)) < 1000
+
+
+@pytest.mark.parametrize(
+    "changes, pattern",
+    [
+        ({"nodes": [{"kind": ["attn_head"]}]}, r"nodes\[0\]\.kind: must be a string, got \['attn_head'\]; allowed: attn_head"),
+        ({"nodes": [{"kind": {"a": 1}}]}, r"nodes\[0\]\.kind: must be a string"),
+        ({"nodes": ["attn_head"]}, r"nodes\[0\]: must be an object with a 'kind', got 'attn_head'"),
+        ({"model": {"source": "in_memory", "backend": ["x"]}}, r"model\.backend: Input should be a valid string"),
+        ({"model": {"source": "in_memory", "backend": {"x": 1}}}, r"model\.backend: Input should be a valid string"),
+        ({"schema": {"a": [1]}}, r"schema: .*got \{'a': \[1\]\}"),
+        ({"model": {"source": "in_memory", "options": {1: 2}}}, r"model\.options\.1: keys must be strings, got 1"),
+    ],
+)
+def test_odd_types_are_plan_errors_not_type_errors(changes, pattern):
+    with pytest.raises(PlanError, match=pattern):
+        af.parse_plan(with_changes(**changes))
+
+
+def test_output_must_be_a_non_empty_path_without_nul():
+    with pytest.raises(PlanError, match=r"output: must be a non-empty file path"):
+        af.parse_plan(with_changes(output=""))
+    with pytest.raises(PlanError, match=r"output: contains a NUL character"):
+        af.parse_plan(with_changes(output="out\x00.safetensors"))
+    assert af.parse_plan(with_changes(output="results/out.safetensors")).output == "results/out.safetensors"
+
+
+@pytest.mark.parametrize("device", ["meta", "meta:0", "gpu", "CPU", " cpu", "cuda:-1", "", "cuda:x"])
+def test_devices_torch_rejects_or_cannot_compute_on_are_refused(device):
+    with pytest.raises(PlanError, match=r"model\.device: .*allowed: a torch device string such as 'cpu', 'cuda', 'cuda:1'"):
+        af.parse_plan(with_changes(model={"source": "in_memory", "device": device}))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1", "mps", "xpu:0"])
+def test_device_strings_torch_accepts_pass_without_a_device(device):
+    assert af.parse_plan(with_changes(model={"source": "in_memory", "device": device})).model.device == device
