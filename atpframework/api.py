@@ -100,7 +100,9 @@ def run(
     plan_path = plan if isinstance(plan, (str, Path)) else None
     plan = as_plan(plan)
     metric_fn = resolve_metric(plan.metric, metric)
-    target = preflight(plan, plan_path, output, overwrite, check_device=model is None and backend is None)
+    target = preflight(
+        plan, plan_path, output, overwrite, check_device=model is None and backend is None, metric_given=metric is not None
+    )
     backend_given = backend
     group = None
     if distributed or (distributed is None and parallel.launched()):
@@ -132,11 +134,22 @@ def run(
 
 
 def preflight(
-    plan: AttributionPlan, plan_path: str | Path | None, output: str | Path | None, overwrite: bool, check_device: bool = True
+    plan: AttributionPlan,
+    plan_path: str | Path | None,
+    output: str | Path | None,
+    overwrite: bool,
+    check_device: bool = True,
+    metric_given: bool = False,
 ) -> Path | None:
-    """What can be checked before a model loads: the output path (``outputs.py``) and the device.
+    """What can be checked before a model loads: the output path (``outputs.py``), the device, and that a
+    ``custom`` metric has its callable (``metric_given``; the CLI never has one).
     Returns the output path (None when there is none); every problem found is reported in one ``PlanError``."""
     problems = []
+    if plan.metric.name == "custom" and not metric_given:
+        problems.append(
+            "metric.name: 'custom' needs a metric callable passed through the Python API (run(plan, metric=...)); "
+            "the atpf command line cannot supply one"
+        )
     target = None
     try:
         if output is not None:
@@ -149,7 +162,7 @@ def preflight(
         problem = device_problem(plan.model.device)
         if problem:
             problems.append(problem)
-    report_problems(problems, "the plan cannot run here")
+    report_problems(problems, "before the run")
     return target
 
 

@@ -176,8 +176,8 @@ def tokenize_text(tokenizer: Any, text: str, prepend_bos: bool) -> list[int]:
     """Token ids of ``text`` with a Hugging Face tokenizer, BOS prepended on request (never twice)."""
     if tokenizer is None:
         raise PlanError(
-            "prompts: this model has no tokenizer (its directory has no tokenizer files, or the model object none); "
-            "give prompts, answer and wrong_answer as token ids"
+            "prompts: this model has no tokenizer; give prompts as token ids (and answer, wrong_answer too). "
+            "Its directory has no tokenizer files, or the model object carries none"
         )
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if prepend_bos:

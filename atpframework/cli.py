@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from .errors import AtpfError, PlanError, SchemaError, shorten
+from .errors import MAX_MESSAGE, AtpfError, PlanError, SchemaError, shorten
 from .outputs import check_writable
 from .results import SIGN_CONVENTION
 
@@ -38,10 +38,6 @@ class _PlanFirstGroup(click.Group):
 
 MODEL_HELP = ("Load this model (a bundled name, a local Hugging Face directory or a hub name) instead of the one the "
               "result file names; the file's choice is printed before anything loads.")
-
-
-MAX_MESSAGE = 2000
-"""Longest error message the CLI prints (values inside messages are already cut by ``errors.shorten``)."""
 
 
 def _say_error(message: str) -> None:
@@ -100,7 +96,7 @@ def main() -> None:
               help="Result file (.safetensors); overrides the plan's output (which stays inside the plan's folder or the working directory).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file even if it is not an atpframework result.")
 @click.option("--dry-run", is_flag=True, help="Print the compiled passes and sites, run nothing.")
-@click.option("--top", default=10, show_default=True, help="How many top nodes to print after the run.")
+@click.option("--top", default=10, type=click.IntRange(min=0), show_default=True, help="How many top nodes to print after the run.")
 @click.option("--distributed", is_flag=True,
               help="Shard the prompt pairs over the processes of a torchrun launch (the default under torchrun).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
@@ -147,7 +143,7 @@ def run_command(plan_path: str, output: str | None, overwrite: bool, dry_run: bo
 
 @main.command("show")
 @click.argument("result_path", metavar="RESULT", type=click.Path(dir_okay=False))
-@click.option("--top", default=20, show_default=True, help="How many nodes to list.")
+@click.option("--top", default=20, type=click.IntRange(min=0), show_default=True, help="How many nodes to list.")
 @click.option("--aggregate", type=click.Choice(["mean_abs", "mean"]), default="mean_abs", show_default=True,
               help="Combine pairs by mean |effect| or signed mean.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
@@ -180,7 +176,7 @@ def _ints(text: str, option: str) -> list[int]:
 @click.argument("result_path", metavar="RESULT", type=click.Path(dir_okay=False))
 @click.option("--budget", type=int, help="Verify this many more nodes (in decreasing estimated score).")
 @click.option("--until-stable", is_flag=True, help="Verify until the verified top --top stops changing for --patience nodes.")
-@click.option("--top", default=20, show_default=True, help="Size of the top set that --until-stable watches, and of the report.")
+@click.option("--top", default=20, type=click.IntRange(min=0), show_default=True, help="Size of the top set that --until-stable watches, and of the report.")
 @click.option("--patience", type=int, help="Nodes without a change before --until-stable stops [default: max(top, nodes per pass)].")
 @click.option("--threshold", type=float, help="Mean |effect| a verified node needs to count as confirmed [default: 5% of |noise - clean|].")
 @click.option("--nodes-per-pass", default=64, show_default=True, help="Nodes patched per forward pass.")

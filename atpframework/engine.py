@@ -17,7 +17,7 @@ from . import plugins
 from .backend import AbstractBackend, ModelInfo
 from .checks import check_metric, locate_nonfinite, nonfinite
 from .chunking import Chunking, choose_chunking, node_positions, parse_bytes
-from .errors import NonFiniteError, PlanError, shorten
+from .errors import NonFiniteError, PlanError, problem_list, shorten
 from .metrics import NEEDS_ANSWER, Metric, MetricInputs
 from .node import BoundNodes, bind_nodes
 from .plan import AttributionPlan
@@ -199,20 +199,16 @@ def _batches(
     return tuple(batches)
 
 
-MAX_PROBLEMS = 20
-"""How many problems one error message lists before it summarises the rest."""
-
-
-def report_problems(problems: Sequence[str], heading: str) -> None:
-    """Raise one ``PlanError`` listing ``problems`` (the first ``MAX_PROBLEMS``), if there are any."""
+def report_problems(problems: Sequence[str], where: str) -> None:
+    """Raise one ``PlanError`` if there are ``problems``: the first leads the message, the rest follow,
+    listed (and cut short) by ``errors.problem_list`` under ``and N more problem(s) <where>``."""
+    problems = list(dict.fromkeys(problems))
     if not problems:
         return
     if len(problems) == 1:
         raise PlanError(problems[0])
-    shown = list(problems[:MAX_PROBLEMS])
-    if len(problems) > MAX_PROBLEMS:
-        shown.append(f"... and {len(problems) - MAX_PROBLEMS} more")
-    raise PlanError(f"{heading} ({len(problems)} problems):\n  " + "\n  ".join(shown))
+    rest = problems[1:]
+    raise PlanError(problems[0] + "\n" + problem_list(rest, f"and {len(rest)} more problem(s) {where}"))
 
 
 def _prepare_pairs(plan: AttributionPlan, backend: AbstractBackend) -> tuple[PreparedPair, ...]:
@@ -235,7 +231,7 @@ def _prepare_pairs(plan: AttributionPlan, backend: AbstractBackend) -> tuple[Pre
                 f"prompts[{i}]: cross_entropy needs at least 2 tokens (it scores each next token), got {length}"
             )
         pairs.append(pair)
-    report_problems(problems, "the plan's prompts do not fit this model")
+    report_problems(problems, "with the plan's prompts on this model")
     return tuple(pairs)
 
 

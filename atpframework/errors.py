@@ -48,3 +48,28 @@ def shorten(value: object, limit: int = MAX_SHOWN) -> str:
         return text
     keep = (limit - 5) // 2
     return f"{text[:keep]} ... {text[-keep:]} ({len(text)} characters)"
+
+
+MAX_PROBLEMS = 20
+"""Most problems one error message lists (then ``... and N more problem(s)``)."""
+MAX_MESSAGE = 2000
+"""About the longest error message (characters): each problem line is cut to ``MAX_LINE``, and lines stop here."""
+MAX_LINE = 400
+"""Longest problem line (characters); longer ones keep their start and end."""
+
+
+def problem_list(lines: list[str], heading: str) -> str:
+    """``heading:`` and one indented line per problem (duplicates dropped): each cut to ``MAX_LINE``
+    characters, at most ``MAX_PROBLEMS`` of them and about ``MAX_MESSAGE`` in all, then a count of the rest."""
+    lines = list(dict.fromkeys(lines))
+    shown: list[str] = []
+    size = 0
+    for line in lines:
+        line = line if len(line) <= MAX_LINE else f"{line[:MAX_LINE - 60]} ... {line[-50:]}"
+        if len(shown) == MAX_PROBLEMS or size + len(line) > MAX_MESSAGE:
+            break
+        shown.append(line)
+        size += len(line) + 3
+    if len(lines) > len(shown):
+        shown.append(f"... and {len(lines) - len(shown)} more problem(s)")
+    return f"{heading}:\n  " + "\n  ".join(shown)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from . import plugins
 from .chunking import parse_bytes
-from .errors import PlanError, PluginError, shorten
+from .errors import MAX_PROBLEMS, PlanError, PluginError, problem_list, shorten
 from .node import NodeSpec
 
 PLAN_SCHEMA = "atpf.plan/1"
@@ -28,12 +28,6 @@ MAX_DEPTH = 100
 """Deepest nesting of lists and objects a plan may have (plans need about five levels)."""
 INT_RANGE = (-(2**63), 2**63 - 1)
 """Integers a plan may hold anywhere: the 64-bit range (token ids, indices, sizes and seeds all fit)."""
-MAX_PROBLEMS = 20
-"""Most problems one error message lists (then ``... and N more problems``)."""
-MAX_MESSAGE = 2000
-"""About the longest error message (characters): each problem line is cut to ``MAX_LINE``, and lines stop here."""
-MAX_LINE = 400
-"""Longest problem line (characters); longer ones keep their start and end."""
 SHOWN_DEPTH = 8
 """Locations deeper than this are named by their first levels and ``...``."""
 DEVICE_FORMS = "allowed: a torch device string such as 'cpu', 'cuda', 'cuda:1', 'mps' or 'xpu' (not 'meta')"
@@ -305,7 +299,7 @@ def parse_plan(data: Any) -> AttributionPlan:
         raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
     found = document_problems(data)
     if found:
-        raise PlanError(problem_list(found))
+        raise PlanError(problem_list(found, "invalid plan"))
     schema = data.get("schema", PLAN_SCHEMA)
     if schema != PLAN_SCHEMA:
         raise PlanError(f"schema: this atpframework reads plans of schema {PLAN_SCHEMA!r}, got {shorten(schema)}")
@@ -514,23 +508,6 @@ def _child(where: str, key: Any) -> str:
     return f"{where}.{name}" if where else name
 
 
-def problem_list(lines: list[str]) -> str:
-    """``invalid plan:`` and one indented line per problem: each cut to ``MAX_LINE`` characters,
-    at most ``MAX_PROBLEMS`` of them and about ``MAX_MESSAGE`` in all, then a count of the rest."""
-    lines = list(dict.fromkeys(lines))
-    shown: list[str] = []
-    size = 0
-    for line in lines:
-        line = line if len(line) <= MAX_LINE else f"{line[:MAX_LINE - 60]} ... {line[-50:]}"
-        if len(shown) == MAX_PROBLEMS or size + len(line) > MAX_MESSAGE:
-            break
-        shown.append(line)
-        size += len(line) + 3
-    if len(lines) > len(shown):
-        shown.append(f"... and {len(lines) - len(shown)} more problem(s)")
-    return "invalid plan:\n  " + "\n  ".join(shown)
-
-
 def plan_json_schema() -> dict[str, Any]:
     """JSON Schema of plans accepting every installed node type."""
     return plan_model(plugins.available("nodes")).model_json_schema(by_alias=True)
@@ -573,4 +550,4 @@ def format_validation_error(err: ValidationError, kinds: list[str]) -> str:
         shown = "" if isinstance(value, (dict, list)) and e["type"] != "literal_error" or got in msg else f" (got {got})"
         # a union reports every branch; keep the first message per location
         lines.setdefault(loc, f"{loc}: {msg}{shown}")
-    return problem_list(list(lines.values()))
+    return problem_list(list(lines.values()), "invalid plan")

@@ -122,8 +122,21 @@ def test_problems_found_before_loading_are_reported_together(tmp_path, gpt2_dir)
     plan["model"]["device"] = "cuda:7"
     (tmp_path / "p.json").write_text(json.dumps(plan))
     done = _atpf("p.json", "--dry-run", cwd=tmp_path)
-    assert done.returncode == 2 and "2 problems" in done.stderr
+    assert done.returncode == 2 and "and 1 more problem(s) before the run" in done.stderr
     assert "output:" in done.stderr and "model.device: 'cuda:7' is not available" in done.stderr
+
+
+def test_the_cli_refuses_a_custom_metric_before_loading(tmp_path, gpt2_dir):
+    plan = _hf_plan(gpt2_dir, metric="custom", output="r.safetensors")
+    (tmp_path / "p.json").write_text(json.dumps(plan))
+    done = _atpf("p.json", "--dry-run", cwd=tmp_path)  # the old code passed the dry run
+    assert done.returncode == 2 and "metric.name: 'custom' needs a metric callable" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "show"])
+def test_a_negative_top_is_a_usage_error(tmp_path, command):
+    done = _atpf(command, "x.json", "--top", "-1", cwd=tmp_path)
+    assert done.returncode == 2 and "--top" in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 def test_prompt_problems_are_reported_together_at_compile_time(tmp_path, gpt2_dir):
