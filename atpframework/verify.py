@@ -25,7 +25,7 @@ from .api import as_plan, load_backend, splice_saes
 from .backend import AbstractBackend
 from .diagnostic import SubsetStats, subsample, welch_bounds
 from .engine import CompiledPlan, batch_runs, compile_plan
-from .errors import PlanError
+from .errors import PlanError, shorten
 from .metrics import resolve_metric
 from .patching import ExactPatcher
 from .recall import ranking_from_scores
@@ -53,6 +53,24 @@ class _Verifier:
         for name, ns in result.nodes.items():
             if name not in self.names or tuple(ns.per_pair.shape[1:]) != self.compiled.bound[self.names.index(name)].shape:
                 raise PlanError(f"the result's node selection {name!r} does not match its own plan any more (edited file?)")
+        self._check_same_model(result, backend.info.source)
+
+    def _check_same_model(self, result: AttributionResult, source: str) -> None:
+        """Refuse a model whose clean or noise metric differs from the stored one: verified effects computed
+        on another model (``--model``, or weights changed on disk) would be stored beside scores they do not belong to.
+        Allowed drift: 2% of the metric's scale (dtype and device rounding stay far below it)."""
+        scale = max(float((result.metric_noise - result.metric_clean).abs().mean()), float(result.metric_clean.abs().mean()), 1e-3)
+        for pairs, patcher in self.patchers:
+            for label, stored, now in (("clean", result.metric_clean, patcher.metric_clean),
+                                       ("noise", result.metric_noise, patcher.metric_noise)):
+                gap = (now.detach().float().cpu() - stored[pairs].float()).abs()
+                if not bool((gap <= 0.02 * scale).all()):
+                    i = int(gap.argmax())
+                    raise PlanError(
+                        f"model.source: {shorten(source)} is not the model this result was computed with: prompt pair "
+                        f"{pairs[i]} has {label} metric {float(now[i]):.6g}, the file stored {float(stored[pairs[i]]):.6g}; "
+                        "verified effects would not belong to the file's scores (give the right model with --model)"
+                    )
 
     def estimates(self, result: AttributionResult) -> Tensor:
         """``node``: mean |score| over pairs, in global node order."""

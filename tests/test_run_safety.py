@@ -253,6 +253,22 @@ def test_verify_says_which_model_it_loads_and_takes_another(tmp_path, gpt2_dir):
     assert heads.shape[1] == reference["attn_head"].per_pair.flatten(1).shape[1]
 
 
+def test_verify_refuses_a_model_other_than_the_results(tmp_path, gpt2_dir):
+    af.run(_hf_plan(gpt2_dir), output=tmp_path / "r.safetensors")
+    before = (tmp_path / "r.safetensors").read_bytes()
+    other = tmp_path / "other"
+    save_tiny_gpt2(other)
+    weights = other / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(weights)
+    tensors["transformer.h.1.mlp.c_fc.weight"] = tensors["transformer.h.1.mlp.c_fc.weight"] * 3  # another model
+    save_file(tensors, weights, metadata={"format": "pt"})
+    done = _atpf("verify", "r.safetensors", "--budget", "3", "--model", other, cwd=tmp_path)
+    assert done.returncode == 2 and "is not the model this result was computed with" in done.stderr, done.stderr
+    assert (tmp_path / "r.safetensors").read_bytes() == before  # nothing stored (the old code stored its effects)
+
+
 class _Payload:
     def __reduce__(self):
         return (print, ("code ran while loading",))
