@@ -49,8 +49,8 @@ def weights_digest(named: Iterable[tuple[str, Tensor]]) -> str | None:
     """SHA-256 over every tensor's name, dtype, shape and exact bytes (None if some tensor has no bytes, e.g. ``meta``).
 
     Exact bytes, not file names, sizes and times or a sample: a weight changed in place, in memory or
-    in one element changes the digest. Cost: one read of the weights (about 0.3 s for SmolLM2-135M in
-    float32 on one core); tensors on an accelerator are copied to the host one at a time.
+    in one element changes the digest. Cost: one read of the weights (0.71 s for SmolLM2-135M's 683 MB in
+    float32 on one core, about 1 GB/s); tensors on an accelerator are copied to the host one at a time.
     """
     digest = hashlib.sha256()
     for name, tensor in named:
