@@ -9,15 +9,16 @@ from . import distributed as parallel
 from . import plugins
 from .backend import AbstractBackend
 from .checkpoint import Checkpoint, is_complete, run_fingerprint
-from .engine import CompiledPlan, assemble, compile_plan, report_problems, run_batches
+from .compiled import CompiledPlan
+from .engine import assemble, compile_plan, report_problems, run_batches
 from .errors import PlanError, PluginError, shorten
-from .methods import get_method
 from .metrics import Metric, resolve_metric
 from .node import BoundNodes
 from .outputs import check_writable, resolve_output
 from .plan import AttributionPlan, load_plan, parse_plan
 from .results import AttributionResult, NodeScores, now_utc, package_versions
 from .sae import SplicedBackend, load_saes
+from .version import __version__
 
 PlanLike = AttributionPlan | dict[str, Any] | str | Path
 """A plan object, its dict form, or the path of a plan JSON file."""
@@ -189,8 +190,6 @@ def device_problem(device: str) -> str | None:
 
 def _checkpoint(compiled: CompiledPlan, backend: AbstractBackend, target: Path, group: Any) -> Checkpoint | None:
     """The output's checkpoint (locked by the main process), or None when the backend cannot fingerprint its weights."""
-    from . import __version__
-
     fingerprint = run_fingerprint(compiled.plan.to_json(), compiled.pairs, backend, __version__)
     if not is_complete(fingerprint):
         return None
@@ -210,7 +209,7 @@ def _result(compiled: CompiledPlan, backend: AbstractBackend, executed: Any) -> 
         noise_tokens=[list(p.noise) for p in compiled.pairs],
         plan_json=plan.to_json(),
         method=plan.method.name,
-        sign_convention=get_method(plan.method.name).sign_convention,
+        sign_convention=compiled.method.sign_convention,
         metric=plan.metric.name,
         model=backend.describe(),
         versions=package_versions(),

@@ -17,7 +17,7 @@ sites and never cached.
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, TypeVar
 
 import torch
 from torch import Tensor
@@ -25,11 +25,12 @@ from torch import Tensor
 from .attention import ROW_BLOCK, KeyPatch, clean_attention, joint_key_delta_z, joint_key_effects, key_effects, key_patch, query_delta_z
 from .backend import AbstractBackend, SiteHook
 from .chunking import ELEMENT_BYTES, graph_elements, node_positions, position_chunks, site_width, take_positions
-from .engine import Batch, BatchRun, BatchScores, CompiledPlan, PassStep
+from .compiled import Batch, BatchRun, BatchScores, CompiledPlan, PassStep
 from .errors import BackendError, PlanError
 from .graddrop import DropTerm, drop_terms
 from .methods import AbstractMethod, noise_forward
 from .node import BoundNodes
+from .plan import MethodConfig
 from .results import GRADDROP_CONVENTION
 from .sites import Site
 
@@ -63,7 +64,41 @@ class _Layout:
         return tuple(sorted({s for t in self.active for s in (*self.terms[t].roots, self.terms[t].cotangent)}))
 
 
-class FirstOrder(AbstractMethod):
+class AtpConfig(MethodConfig):
+    """Attribution patching: (noise - clean) . dMetric/dact, one clean forward, one noise forward, one backward."""
+
+    name: Literal["atp"]
+
+
+class AtpQkfixConfig(MethodConfig):
+    """AtP with the QK fix: query and key nodes get the attention softmax recomputed exactly under the patch."""
+
+    name: Literal["atp_qkfix"]
+
+
+class GradDropConfig(MethodConfig):
+    """Options of the GradDrop methods."""
+
+    granularity: Literal["block", "sublayer"] = "block"
+    """``block``: drop each transformer block's write (attention + MLP); ``sublayer``: attention and MLP writes separately."""
+
+
+class AtpGradDropConfig(GradDropConfig):
+    """AtP with GradDrop: per pair, the mean over dropped residual writes of |AtP with that write stop-gradiented|."""
+
+    name: Literal["atp_graddrop"]
+
+
+class AtpStarConfig(GradDropConfig):
+    """AtP*: the QK fix and GradDrop together."""
+
+    name: Literal["atp_star"]
+
+
+ConfigT = TypeVar("ConfigT", bound=MethodConfig)
+
+
+class FirstOrder(AbstractMethod[ConfigT]):
     """Shared engine of the first-order methods (see module docstring)."""
 
     exact = False
@@ -135,9 +170,10 @@ class FirstOrder(AbstractMethod):
         )
         return int(pairs * per_pair)
 
-    @staticmethod
-    def granularity(compiled: CompiledPlan) -> str:
-        return getattr(compiled.plan.method, "granularity", "block")
+    def granularity(self, compiled: CompiledPlan) -> str:
+        """Which residual writes GradDrop drops (``block`` for the methods without GradDrop options)."""
+        config = self.options(compiled)
+        return config.granularity if isinstance(config, GradDropConfig) else "block"
 
     def validate(self, compiled: CompiledPlan, backend: AbstractBackend) -> None:
         layout = self.layout(compiled)
@@ -479,26 +515,31 @@ def _upcast(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-class Atp(FirstOrder):
+class Atp(FirstOrder[AtpConfig]):
     name = "atp"
+    config_type = AtpConfig
+    listing_rank = 0
 
 
-class AtpQkfix(FirstOrder):
+class AtpQkfix(FirstOrder[AtpQkfixConfig]):
     name = "atp_qkfix"
+    config_type = AtpQkfixConfig
+    listing_rank = 1
     qk_fix = True
 
 
-class AtpGradDrop(FirstOrder):
+class AtpGradDrop(FirstOrder[AtpGradDropConfig]):
     name = "atp_graddrop"
+    config_type = AtpGradDropConfig
+    listing_rank = 2
     graddrop = True
     sign_convention = GRADDROP_CONVENTION
 
 
-class AtpStar(FirstOrder):
+class AtpStar(FirstOrder[AtpStarConfig]):
     name = "atp_star"
+    config_type = AtpStarConfig
+    listing_rank = 3
     qk_fix = True
     graddrop = True
     sign_convention = GRADDROP_CONVENTION
-
-
-FIRST_ORDER_METHODS: tuple[FirstOrder, ...] = (Atp(), AtpQkfix(), AtpGradDrop(), AtpStar())

@@ -19,13 +19,16 @@ block or group.
 """
 
 import heapq
+from typing import Literal, TypeVar
 
 import torch
+from pydantic import Field
 
 from .diagnostic import SubsetStats, subset_masks, subsampling_estimates
-from .engine import BatchRun, BatchScores, CompiledPlan, PassStep
+from .compiled import BatchRun, BatchScores, CompiledPlan, PassStep
 from .methods import AbstractMethod
 from .patching import ExactPatcher
+from .plan import MethodConfig
 
 
 def _steps(compiled: CompiledPlan, n_sets: int, per_pass: int, rows: str, action: str) -> list[PassStep]:
@@ -39,30 +42,78 @@ def _steps(compiled: CompiledPlan, n_sets: int, per_pass: int, rows: str, action
     ]
 
 
+class JointPatchingConfig(MethodConfig):
+    """Options every baseline shares."""
+
+    sets_per_pass: int = Field(16, ge=1)
+    """How many node sets (subsets, blocks or groups) share one forward pass."""
+
+
+class SubsamplingConfig(JointPatchingConfig):
+    """Baseline: random subsets patched jointly; a node scores the difference of the mean effects of the
+    subsets that include and exclude it."""
+
+    name: Literal["subsampling"]
+    samples: int = Field(256, ge=4)
+    """Subsets per prompt pair (= forward passes per pair)."""
+    p: float = Field(0.5, gt=0.0, lt=1.0)
+    """Probability that a subset includes a node."""
+    seed: int = 0
+
+
+class BlocksConfig(JointPatchingConfig):
+    """Baseline: contiguous blocks of nodes patched jointly; a node scores its block's effect."""
+
+    name: Literal["blocks"]
+    block_size: int = Field(16, ge=1)
+
+
+class HierarchicalConfig(JointPatchingConfig):
+    """Baseline: coarse-to-fine; the group with the largest effect is split until ``budget`` groups were patched."""
+
+    name: Literal["hierarchical"]
+    budget: int = Field(256, ge=1)
+    """Groups patched per prompt pair (= forward passes per pair)."""
+    branching: int = Field(4, ge=2)
+
+
 def _n_nodes(compiled: CompiledPlan) -> int:
     return sum(b.n_nodes for b in compiled.bound)
 
 
-class Subsampling(AbstractMethod):
+ConfigT = TypeVar("ConfigT", bound=JointPatchingConfig)
+
+
+class JointPatching(AbstractMethod[ConfigT]):
+    """What the baselines share: node sets patched jointly by ``ExactPatcher``, ``sets_per_pass`` per forward."""
+
+    exact = False
+
+    def rows_per_pass(self, compiled: CompiledPlan) -> int:
+        return self.options(compiled).sets_per_pass
+
+
+class Subsampling(JointPatching[SubsamplingConfig]):
     """Random subsets patched jointly; difference of conditional means per node."""
 
     name = "subsampling"
-    exact = False
+    config_type = SubsamplingConfig
+    listing_rank = 20
     nan_means_undefined = True  # a node that no subset (or every subset) held has no estimate
 
     def schedule(self, compiled: CompiledPlan) -> list[PassStep]:
-        spec = compiled.plan.method
+        spec = self.options(compiled)
         return _steps(
-            compiled, spec.samples, spec.sets_per_pass, "random subsets",  # type: ignore[union-attr]
-            f"each row block patches a Bernoulli(p={spec.p}) subset of the {_n_nodes(compiled)} nodes jointly",  # type: ignore[union-attr]
+            compiled, spec.samples, spec.sets_per_pass, "random subsets",
+            f"each row block patches a Bernoulli(p={spec.p}) subset of the {_n_nodes(compiled)} nodes jointly",
         )
 
     def run_batch(self, run: BatchRun) -> BatchScores:
-        spec = run.compiled.plan.method
-        patcher = ExactPatcher(run, spec.sets_per_pass)  # type: ignore[union-attr]
-        generator = torch.Generator().manual_seed(spec.seed + run.batch.pair_indices[0])  # type: ignore[union-attr]
+        spec = self.options(run.compiled)
+        patcher = ExactPatcher(run, spec.sets_per_pass)
+        generator = torch.Generator().manual_seed(spec.seed + run.batch.pair_indices[0])
         stats = [SubsetStats.zeros(patcher.n_nodes) for _ in range(patcher.n_batch)]
-        for masks in subset_masks(patcher.n_nodes, spec.samples, spec.p, generator, spec.sets_per_pass):  # type: ignore[union-attr]
+        for masks in subset_masks(patcher.n_nodes, spec.samples, spec.p, generator, spec.sets_per_pass):
             effects = patcher.effects([patcher.node_set(m.nonzero().flatten()) for m in masks])  # set batch
             for pair, pair_stats in enumerate(stats):
                 pair_stats.update(masks, effects[:, pair])
@@ -78,48 +129,50 @@ class Subsampling(AbstractMethod):
         return BatchScores(scores, patcher.metric_clean, patcher.metric_noise, extras=extras)
 
 
-class Blocks(AbstractMethod):
+class Blocks(JointPatching[BlocksConfig]):
     """Contiguous blocks of nodes patched jointly; each node scores its block's effect."""
 
     name = "blocks"
-    exact = False
+    config_type = BlocksConfig
+    listing_rank = 21
 
     def schedule(self, compiled: CompiledPlan) -> list[PassStep]:
-        spec = compiled.plan.method
-        n_blocks = -(-_n_nodes(compiled) // spec.block_size)  # type: ignore[union-attr]
+        spec = self.options(compiled)
+        n_blocks = -(-_n_nodes(compiled) // spec.block_size)
         return _steps(
-            compiled, n_blocks, spec.sets_per_pass, "blocks",  # type: ignore[union-attr]
-            f"each row block patches {spec.block_size} consecutive nodes jointly",  # type: ignore[union-attr]
+            compiled, n_blocks, spec.sets_per_pass, "blocks",
+            f"each row block patches {spec.block_size} consecutive nodes jointly",
         )
 
     def run_batch(self, run: BatchRun) -> BatchScores:
-        spec = run.compiled.plan.method
-        patcher = ExactPatcher(run, spec.sets_per_pass)  # type: ignore[union-attr]
-        starts = range(0, patcher.n_nodes, spec.block_size)  # type: ignore[union-attr]
-        groups = [torch.arange(lo, min(lo + spec.block_size, patcher.n_nodes)) for lo in starts]  # type: ignore[union-attr]
+        spec = self.options(run.compiled)
+        patcher = ExactPatcher(run, spec.sets_per_pass)
+        starts = range(0, patcher.n_nodes, spec.block_size)
+        groups = [torch.arange(lo, min(lo + spec.block_size, patcher.n_nodes)) for lo in starts]
         effects = patcher.effects([patcher.node_set(g) for g in groups])  # block batch
         per_node = torch.repeat_interleave(effects, torch.tensor([len(g) for g in groups]), dim=0)  # node batch
         return BatchScores(patcher.split(per_node.T), patcher.metric_clean, patcher.metric_noise)
 
 
-class Hierarchical(AbstractMethod):
+class Hierarchical(JointPatching[HierarchicalConfig]):
     """Coarse-to-fine search: split the group with the largest effect until the budget is spent."""
 
     name = "hierarchical"
-    exact = False
+    config_type = HierarchicalConfig
+    listing_rank = 22
 
     def schedule(self, compiled: CompiledPlan) -> list[PassStep]:
-        spec = compiled.plan.method
-        n_groups = min(spec.budget, _full_tree_size(0, _n_nodes(compiled), spec.branching))  # type: ignore[union-attr]
+        spec = self.options(compiled)
+        n_groups = min(spec.budget, _full_tree_size(0, _n_nodes(compiled), spec.branching))
         return _steps(
-            compiled, n_groups, spec.sets_per_pass, "groups",  # type: ignore[union-attr]
-            f"groups patched jointly, the largest |effect| split {spec.branching} ways, up to {spec.budget} groups",  # type: ignore[union-attr]
+            compiled, n_groups, spec.sets_per_pass, "groups",
+            f"groups patched jointly, the largest |effect| split {spec.branching} ways, up to {spec.budget} groups",
         )
 
     def run_batch(self, run: BatchRun) -> BatchScores:
-        spec = run.compiled.plan.method
-        patcher = ExactPatcher(run, spec.sets_per_pass)  # type: ignore[union-attr]
-        budget, branching = spec.budget, spec.branching  # type: ignore[union-attr]
+        spec = self.options(run.compiled)
+        patcher = ExactPatcher(run, spec.sets_per_pass)
+        budget, branching = spec.budget, spec.branching
         scores = torch.zeros(patcher.n_nodes, patcher.n_batch)
         frontier: list[tuple[float, int, int, int]] = []  # (-mean |effect|, tie-break, lo, hi)
         spent, counter = 0, 0
@@ -138,7 +191,7 @@ class Hierarchical(AbstractMethod):
         while frontier and spent < budget:
             # split as many of the largest groups as fill one pass, within the budget
             batch: list[tuple[int, int]] = []
-            while frontier and len(batch) < max(spec.sets_per_pass, branching):  # type: ignore[union-attr]
+            while frontier and len(batch) < max(spec.sets_per_pass, branching):
                 _, _, lo, hi = heapq.heappop(frontier)
                 batch.extend(_split(lo, hi, branching))
             evaluate(batch[: budget - spent])
@@ -156,5 +209,3 @@ def _full_tree_size(lo: int, hi: int, parts: int) -> int:
     children = _split(lo, hi, parts)
     return len(children) + sum(_full_tree_size(a, b, parts) for a, b in children if b - a > 1)
 
-
-BASELINE_METHODS: tuple[AbstractMethod, ...] = (Subsampling(), Blocks(), Hierarchical())

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .engine import BatchOutput, PreparedPair
+from .compiled import BatchOutput, PreparedPair
 from .errors import PlanError, shorten
 from .files import write_atomically, write_text_atomically
 from .outputs import OutputLock

@@ -23,7 +23,6 @@ from .backend import AbstractBackend
 from .engine import compile_plan
 from .errors import PlanError
 from .files import write_text_atomically
-from .methods import get_method
 from .plan import AttributionPlan
 from .recall import RecallCurve, curves_to_json, format_table, recall_curve
 from .results import AttributionResult, load_result
@@ -79,7 +78,8 @@ def _timed_run(plan: AttributionPlan, spec: dict[str, Any], backend: AbstractBac
     data = json.loads(plan.to_json())
     data.update(method=spec, output=None)
     method_plan = as_plan(data)
-    cost = get_method(spec["name"]).cost(compile_plan(method_plan, backend))
+    compiled = compile_plan(method_plan, backend)
+    cost = compiled.method.cost(compiled)
     started = time.perf_counter()
     result = run(method_plan, backend=backend)
     return MethodRun(label, spec, cost, time.perf_counter() - started, result)
@@ -118,7 +118,8 @@ def compare(
         if set(stored.nodes) != {n.result_name for n in plan.nodes}:
             raise PlanError("ground truth: its node selections differ from the plan's")
         spec = json.loads(stored.plan_json)["method"]
-        truth = MethodRun("activation_patching", spec, get_method("activation_patching").cost(compile_plan(as_plan(stored.plan), backend)), 0.0, stored)
+        compiled = compile_plan(as_plan(stored.plan), backend)
+        truth = MethodRun("activation_patching", spec, compiled.method.cost(compiled), 0.0, stored)
     true_effects = _flat(truth.result)
     n_nodes = true_effects.numel()
     k_max = min(n_nodes, 200) if k_max is None else k_max

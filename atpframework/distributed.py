@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import torch
 
-from .engine import BatchOutput
+from .compiled import BatchOutput
 from .errors import AtpfError, PlanError
 
 __all__ = ["Group", "all_outputs", "device_for_rank", "join", "launched", "leave", "open_shared", "shard"]

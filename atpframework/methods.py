@@ -1,31 +1,53 @@
-"""The method contract and registry: how a batch of prompt pairs becomes per-pair node effects.
+"""The method contract: how a batch of prompt pairs becomes per-pair node effects.
+
+A method is a plugin of the ``atpframework.methods`` entry-point group, built-ins included
+(``pyproject.toml``): a subclass of ``AbstractMethod`` whose ``name`` is its entry-point name and
+whose ``config_type`` is the pydantic class of its plan options (a ``MethodConfig`` with
+``name: Literal["<name>"]``). The plan's ``method`` field accepts the config of every installed
+method; ``get_method(plan.method.name)`` gives the method object, which ``compile_plan`` stores in
+the ``CompiledPlan`` (``compiled.method``). A method reads its options with ``self.options(compiled)``, typed.
 
 Sign convention (every signed method): the effect of node ``n`` is
 ``metric(clean run with n <- n(noise)) - metric(clean run)`` ("noising"), estimated or exact.
 
-Built-in methods: ``activation_patching`` (exact, ``patching.py``) and the first-order family
-``atp``, ``atp_qkfix``, ``atp_graddrop``, ``atp_star`` (``atp.py``).
+Built-in methods: ``activation_patching`` (exact, ``patching.py``), the first-order family
+``atp``, ``atp_qkfix``, ``atp_graddrop``, ``atp_star`` (``atp.py``) and the baselines
+``subsampling``, ``blocks``, ``hierarchical`` (``baselines.py``).
 """
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import ClassVar, Generic, TypeVar
 
 import torch
 from torch import Tensor
 
+from . import plugins
 from .backend import AbstractBackend, SiteHook
 from .chunking import ELEMENT_BYTES, forward_elements, site_width
-from .engine import BatchRun, BatchScores, CompiledPlan, PassStep
-from .errors import PlanError
+from .compiled import BatchRun, BatchScores, CompiledPlan, PassStep
+from .errors import PlanError, PluginError, shorten
+from .plan import MethodConfig
 from .results import SIGN_CONVENTION
 from .sites import Site
 
+ConfigT = TypeVar("ConfigT", bound=MethodConfig)
 
-class AbstractMethod(ABC):
+
+class AbstractMethod(ABC, Generic[ConfigT]):
     """One attribution method (see module docstring)."""
 
     name: ClassVar[str]
+    """The plan's ``method.name``; equal to the entry-point name."""
+    config_type: type[ConfigT]
+    """The pydantic class of this method's plan options."""
     exact: ClassVar[bool]
+
+    def options(self, compiled: CompiledPlan) -> ConfigT:
+        """The plan's method options, as this method's own config class."""
+        config = compiled.plan.method
+        if not isinstance(config, self.config_type):
+            raise PlanError(f"method.name: the plan asks for {shorten(config.name)}, but this is the {self.name!r} method")
+        return config
 
     @abstractmethod
     def schedule(self, compiled: CompiledPlan) -> list[PassStep]:
@@ -43,16 +65,20 @@ class AbstractMethod(ABC):
     chunks_positions: ClassVar[bool] = False
     """``max_memory`` may split node positions into chunks (first-order methods); otherwise only pairs per pass."""
 
+    def rows_per_pass(self, compiled: CompiledPlan) -> int:
+        """How many patched copies of each prompt pair one forward pass holds (exact patching and the
+        baselines batch node sets; 1 otherwise). Used by the default ``working_memory``."""
+        return 1
+
     def working_memory(self, compiled: CompiledPlan, pairs: int, seq_len: int, positions: int) -> int:
         """Estimated bytes one pass needs for ``pairs`` prompt pairs of ``seq_len`` tokens and ``positions``
         node positions per chunk (``chunking.py``'s model). The default suits exact patching: patched
-        forwards of ``pairs x sets per pass`` rows without gradients, the noise run's activations at the
+        forwards of ``pairs x rows_per_pass`` rows without gradients, the noise run's activations at the
         plan's sites, and the clean residual stream at every block boundary."""
         info = compiled.info
-        per_pass = getattr(compiled.plan.method, "nodes_per_pass", None) or getattr(compiled.plan.method, "sets_per_pass", 1)
         noise = seq_len * sum(site_width(s, info, compiled.bound) for s in compiled.sites)
         stream = (info.n_layers + 1) * seq_len * info.d_model
-        rows = pairs * per_pass
+        rows = pairs * self.rows_per_pass(compiled)
         return int(ELEMENT_BYTES[info.dtype] * (rows * forward_elements(info, seq_len) + pairs * (noise + stream + rows * info.d_model * seq_len)))
 
     def validate(self, compiled: CompiledPlan, backend: AbstractBackend) -> None:
@@ -61,9 +87,30 @@ class AbstractMethod(ABC):
     sign_convention: ClassVar[str] = SIGN_CONVENTION
     """What the per-pair scores mean, stored in result files."""
 
+    listing_rank: ClassVar[int] = 100
+    """Where the method appears when methods are listed (error messages, the plan schema): the built-ins
+    cheapest first (0-99), then third-party methods by name."""
+
     nan_means_undefined: ClassVar[bool] = False
     """A NaN score is a documented outcome ("no estimate for this node"), not a failure, so the engine's
     finite check skips this method's scores (its metrics are still checked)."""
+
+
+def method_type(name: str) -> type[AbstractMethod[MethodConfig]]:
+    """The installed method class named ``name`` (``PlanError`` listing the installed ones if there is none)."""
+    try:
+        cls = plugins.load("methods", name)
+    except PluginError as err:
+        if name in plugins.available("methods"):
+            raise  # installed, but broken: the plugin error says why
+        raise PlanError(f"method.name: {err}") from None
+    return cls
+
+
+def get_method(name: str) -> AbstractMethod[MethodConfig]:
+    """The method named ``name`` (a plan's ``method.name``). Methods hold no options: they read them from the
+    compiled plan they are given (``AbstractMethod.options``), so one object serves every plan."""
+    return method_type(name)()
 
 
 def capture(store: dict[Site, Tensor], site: Site, positions: Tensor | None = None) -> SiteHook:
@@ -91,20 +138,3 @@ def noise_forward(
         logits = run.backend.forward(run.noise_tokens, hooks)
         value = run.metric(logits, run.metric_inputs(run.noise_tokens))
     return acts, value
-
-
-def get_method(name: str) -> AbstractMethod:
-    """The method a plan's ``method.name`` names."""
-    available = methods()
-    if name not in available:
-        raise PlanError(f"method.name: unknown method {name!r}; allowed: {', '.join(available)}")
-    return available[name]
-
-
-def methods() -> dict[str, AbstractMethod]:
-    """Every method this version runs, by plan ``method.name``."""
-    from .atp import FIRST_ORDER_METHODS
-    from .baselines import BASELINE_METHODS
-    from .patching import ActivationPatching
-
-    return {m.name: m for m in (*FIRST_ORDER_METHODS, ActivationPatching(), *BASELINE_METHODS)}

@@ -13,14 +13,17 @@ possible. No gradient is taken.
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from .backend import SiteHook
-from .engine import BatchRun, BatchScores, CompiledPlan, PassStep
+from .compiled import BatchRun, BatchScores, CompiledPlan, PassStep
 from .methods import AbstractMethod, capture, noise_forward
 from .node import BoundNodes
+from .plan import MethodConfig
 from .sites import Site
 
 NodeSet = dict[int, Tensor]
@@ -179,18 +182,34 @@ def _patch_hook(noise: Tensor, mask: Tensor) -> SiteHook:
     return hook
 
 
-class ActivationPatching(AbstractMethod):
+class ActivationPatchingConfig(MethodConfig):
+    """Exact activation patching: one patched forward per node (``nodes_per_pass`` nodes batched per pass)."""
+
+    name: Literal["activation_patching"]
+    nodes_per_pass: int = Field(16, ge=1)
+    """How many nodes share one forward pass (each as its own batch rows)."""
+    skip_layers: bool = True
+    """Start each pass from the clean run's cached residual stream at the lowest layer it patches
+    (False: recompute every block from the embeddings; same results, slower)."""
+
+
+class ActivationPatching(AbstractMethod[ActivationPatchingConfig]):
     """Exact activation patching: each node's noise value patched into the clean run, one node per row block."""
 
     name = "activation_patching"
+    config_type = ActivationPatchingConfig
     exact = True
+    listing_rank = 10
+
+    def rows_per_pass(self, compiled: CompiledPlan) -> int:
+        return self.options(compiled).nodes_per_pass
 
     def schedule(self, compiled: CompiledPlan) -> list[PassStep]:
-        spec = compiled.plan.method
-        per_pass = spec.nodes_per_pass  # type: ignore[union-attr]
+        spec = self.options(compiled)
+        per_pass = spec.nodes_per_pass
         n_nodes = sum(b.n_nodes for b in compiled.bound)
         n_passes = -(-n_nodes // per_pass)
-        start = "cached clean residual stream at the lowest layer patched" if spec.skip_layers else "embeddings"  # type: ignore[union-attr]
+        start = "cached clean residual stream at the lowest layer patched" if spec.skip_layers else "embeddings"
         return [
             PassStep("noise_forward", "forward", 1, "noise prompts", compiled.sites, "capture activations (no grad)"),
             PassStep("clean_forward", "forward", 1, "clean prompts", (), "baseline metric, residual stream cached (no grad)"),
@@ -203,7 +222,7 @@ class ActivationPatching(AbstractMethod):
         ]
 
     def run_batch(self, run: BatchRun) -> BatchScores:
-        spec = run.compiled.plan.method
-        patcher = ExactPatcher(run, spec.nodes_per_pass, spec.skip_layers)  # type: ignore[union-attr]
+        spec = self.options(run.compiled)
+        patcher = ExactPatcher(run, spec.nodes_per_pass, spec.skip_layers)
         scores = patcher.split(patcher.single_node_effects().T)
         return BatchScores(scores, patcher.metric_clean, patcher.metric_noise)

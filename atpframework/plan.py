@@ -1,8 +1,9 @@
 """The declarative ``AttributionPlan``: what to attribute, on which model, with which method.
 
 Plans are pydantic models with ``extra="forbid"``: unknown keys are errors. Node selections are a
-discriminated union over the installed node types, built when a plan is loaded, so a third-party
-node type validates exactly like a built-in one. Loading is two-phase: read the raw JSON, import the
+discriminated union over the installed node types, and ``method`` over the installed methods'
+configs, both built when a plan is loaded, so a third-party node type or method validates exactly
+like a built-in one. Loading is two-phase: read the raw JSON, import the
 plugins it names, then validate the whole plan. Errors carry the JSON location (``nodes[1].heads``)
 and the allowed values.
 """
@@ -112,89 +113,17 @@ class MetricSpec(_Strict):
     """Position whose logits the answer metrics read."""
 
 
-class AtpMethod(_Strict):
-    """Attribution patching: (noise - clean) . dMetric/dact, one clean forward, one noise forward, one backward."""
+class MethodConfig(_Strict):
+    """Common field of every method's options. Each method plugin subclasses it with
+    ``name: Literal["<its name>"]`` and its own fields (``methods.py``); a plan's ``method`` accepts the
+    config of every installed method, told apart by ``name``."""
 
-    name: Literal["atp"]
-
-
-class AtpQkfixMethod(_Strict):
-    """AtP with the QK fix: query and key nodes get the attention softmax recomputed exactly under the patch."""
-
-    name: Literal["atp_qkfix"]
-
-
-class AtpGradDropMethod(_Strict):
-    """AtP with GradDrop: per pair, the mean over dropped residual writes of |AtP with that write stop-gradiented|."""
-
-    name: Literal["atp_graddrop"]
-    granularity: Literal["block", "sublayer"] = "block"
-    """``block``: drop each transformer block's write (attention + MLP); ``sublayer``: attention and MLP writes separately."""
-
-
-class AtpStarMethod(_Strict):
-    """AtP*: the QK fix and GradDrop together."""
-
-    name: Literal["atp_star"]
-    granularity: Literal["block", "sublayer"] = "block"
-    """As for ``atp_graddrop``."""
-
-
-class ActivationPatchingMethod(_Strict):
-    """Exact activation patching: one patched forward per node (``nodes_per_pass`` nodes batched per pass)."""
-
-    name: Literal["activation_patching"]
-    nodes_per_pass: int = Field(16, ge=1)
-    """How many nodes share one forward pass (each as its own batch rows)."""
-    skip_layers: bool = True
-    """Start each pass from the clean run's cached residual stream at the lowest layer it patches
-    (False: recompute every block from the embeddings; same results, slower)."""
-
-
-class SubsamplingMethod(_Strict):
-    """Baseline: random subsets patched jointly; a node scores the difference of the mean effects of the
-    subsets that include and exclude it."""
-
-    name: Literal["subsampling"]
-    samples: int = Field(256, ge=4)
-    """Subsets per prompt pair (= forward passes per pair)."""
-    p: float = Field(0.5, gt=0.0, lt=1.0)
-    """Probability that a subset includes a node."""
-    seed: int = 0
-    sets_per_pass: int = Field(16, ge=1)
-    """How many subsets share one forward pass."""
-
-
-class BlocksMethod(_Strict):
-    """Baseline: contiguous blocks of nodes patched jointly; a node scores its block's effect."""
-
-    name: Literal["blocks"]
-    block_size: int = Field(16, ge=1)
-    sets_per_pass: int = Field(16, ge=1)
-
-
-class HierarchicalMethod(_Strict):
-    """Baseline: coarse-to-fine; the group with the largest effect is split until ``budget`` groups were patched."""
-
-    name: Literal["hierarchical"]
-    budget: int = Field(256, ge=1)
-    """Groups patched per prompt pair (= forward passes per pair)."""
-    branching: int = Field(4, ge=2)
-    sets_per_pass: int = Field(16, ge=1)
-
-
-MethodSpec = Annotated[
-    Union[
-        AtpMethod, AtpQkfixMethod, AtpGradDropMethod, AtpStarMethod, ActivationPatchingMethod,
-        SubsamplingMethod, BlocksMethod, HierarchicalMethod,
-    ],
-    Field(discriminator="name"),
-]
-METHOD_NAMES = ("atp", "atp_qkfix", "atp_graddrop", "atp_star", "activation_patching", "subsampling", "blocks", "hierarchical")
+    name: str
+    """The method (an entry-point name in ``atpframework.methods``)."""
 
 
 class AttributionPlan(_Strict):
-    """A complete attribution run. Subclassed at load time with the installed node types."""
+    """A complete attribution run. Subclassed at load time with the node types and method it names."""
 
     schema_: Literal["atpf.plan/1"] = Field(PLAN_SCHEMA, alias="schema")
     """Plan format id."""
@@ -206,7 +135,7 @@ class AttributionPlan(_Strict):
     """Prepend the BOS token to text prompts (None: the model's default)."""
     metric: MetricSpec = MetricSpec()
     nodes: list[NodeSpec] = Field(min_length=1)
-    method: MethodSpec
+    method: MethodConfig
     batch_size: int = Field(8, ge=1)
     """Prompt pairs per pass (at most; ``max_memory`` may choose fewer)."""
     max_memory: int | str | None = None
@@ -268,27 +197,28 @@ class AttributionPlan(_Strict):
         return json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
 
 
-_plan_models: dict[tuple[type, ...], type[AttributionPlan]] = {}
+_plan_models: dict[tuple[tuple[type, ...], tuple[type, ...]], type[AttributionPlan]] = {}
 
 
-def plan_model(node_kinds: list[str]) -> type[AttributionPlan]:
-    """The plan class whose ``nodes`` accept exactly the given node kinds (imports their plugins)."""
+def plan_model(node_kinds: list[str], method_names: list[str]) -> type[AttributionPlan]:
+    """The plan class whose ``nodes`` accept exactly the given node kinds and whose ``method`` accepts
+    the given methods' configs (imports their plugins)."""
     specs = tuple(plugins.load("nodes", k).spec_type for k in dict.fromkeys(node_kinds))
-    if specs not in _plan_models:
-        _plan_models[specs] = _build_plan_model(specs)
-    return _plan_models[specs]
+    configs = tuple(plugins.load("methods", m).config_type for m in dict.fromkeys(method_names))
+    key = (specs, configs)
+    if key not in _plan_models:
+        fields: dict[str, Any] = {}
+        if specs:
+            fields["nodes"] = (list[_tagged_union(specs, "kind")], Field(min_length=1))  # type: ignore[misc]
+        if configs:
+            fields["method"] = (_tagged_union(configs, "name"), ...)
+        _plan_models[key] = create_model("AttributionPlan", __base__=AttributionPlan, **fields)
+    return _plan_models[key]
 
 
-def _build_plan_model(specs: tuple[type, ...]) -> type[AttributionPlan]:
-    if len(specs) == 1:
-        node_type: Any = specs[0]
-    else:
-        node_type = Annotated[Union[tuple(specs)], Field(discriminator="kind")]
-    return create_model(
-        "AttributionPlan",
-        __base__=AttributionPlan,
-        nodes=(list[node_type], Field(min_length=1)),  # type: ignore[valid-type]
-    )
+def _tagged_union(classes: tuple[type, ...], tag: str) -> Any:
+    """One class, or a union of them told apart by the field ``tag``."""
+    return classes[0] if len(classes) == 1 else Annotated[Union[classes], Field(discriminator=tag)]
 
 
 def parse_plan(data: Any) -> AttributionPlan:
@@ -304,8 +234,9 @@ def parse_plan(data: Any) -> AttributionPlan:
     if schema != PLAN_SCHEMA:
         raise PlanError(f"schema: this atpframework reads plans of schema {PLAN_SCHEMA!r}, got {shorten(schema)}")
     kinds = _node_kinds(data.get("nodes"))
+    methods = _method_names(data.get("method"))
     _check_backend(data.get("model"))
-    cls = plan_model(kinds) if kinds else AttributionPlan
+    cls = plan_model(kinds, methods)
     try:
         return cls.model_validate(data)
     except ValidationError as err:
@@ -335,6 +266,39 @@ def _node_kinds(nodes: Any) -> list[str]:
             ) from None
         kinds.append(kind)
     return kinds
+
+
+def _method_names(method: Any) -> list[str]:
+    """The method a plan names, its plugin imported (empty if ``method`` is not an object: pydantic reports it)."""
+    if not isinstance(method, dict):
+        return []
+    name = method.get("name")
+    allowed = ", ".join(repr(n) for n in method_names())
+    if not isinstance(name, str):
+        what = "missing" if name is None else f"must be a string, got {shorten(name)}"
+        raise PlanError(f"method.name: {what}; allowed: {allowed}")
+    try:
+        plugins.load("methods", name)
+    except PluginError as err:
+        if name in plugins.available("methods"):  # installed, but broken
+            raise PlanError(f"method.name: {err}") from err
+        raise PlanError(
+            f"method: unknown method {shorten(name)}; installed: {allowed} "
+            f"(third-party methods register under the entry-point group {plugins.GROUPS['methods']!r})"
+        ) from None
+    return [name]
+
+
+def method_names() -> list[str]:
+    """Every installed method's name in listing order (``AbstractMethod.listing_rank``, then the name);
+    imports the methods, leaving out any that fail to import (a plan naming one is told why)."""
+    ranked = []
+    for name in plugins.available("methods"):
+        try:
+            ranked.append((plugins.load("methods", name).listing_rank, name))
+        except PluginError:
+            continue
+    return [name for _, name in sorted(ranked)]
 
 
 def _kinds() -> str:
@@ -510,7 +474,7 @@ def _child(where: str, key: Any) -> str:
 
 def plan_json_schema() -> dict[str, Any]:
     """JSON Schema of plans accepting every installed node type."""
-    return plan_model(plugins.available("nodes")).model_json_schema(by_alias=True)
+    return plan_model(plugins.available("nodes"), method_names()).model_json_schema(by_alias=True)
 
 
 def format_location(loc: tuple[Any, ...], tags: set[str]) -> str:
@@ -536,7 +500,7 @@ def format_location(loc: tuple[Any, ...], tags: set[str]) -> str:
 
 def format_validation_error(err: ValidationError, kinds: list[str]) -> str:
     """One line per problem: location, what is wrong, the offending value (cut short; see ``problem_list``)."""
-    tags = set(kinds) | set(METHOD_NAMES)
+    tags = set(kinds) | set(plugins.available("methods"))
     lines: dict[str, str] = {}
     for e in err.errors():
         loc = format_location(tuple(e["loc"]), tags)

@@ -1,32 +1,69 @@
-"""Plugin discovery: backends and node types are found through entry points, built-ins included.
+"""Plugin discovery: one registry for every kind of plugin, found through entry points, built-ins included.
 
-Groups:
-    ``atpframework.backends``: subclasses of ``atpframework.backend.AbstractBackend``.
-    ``atpframework.nodes``:    subclasses of ``atpframework.node.AbstractNode``.
+Kinds, their entry-point groups and the contract each plugin honours:
+
+=================== ============================== ===================================================
+kind                entry-point group              a plugin is
+=================== ============================== ===================================================
+``backends``        ``atpframework.backends``      a subclass of ``backend.AbstractBackend``; ``name`` = entry name
+``nodes``           ``atpframework.nodes``         a subclass of ``node.AbstractNode``; ``kind`` = entry name
+``methods``         ``atpframework.methods``       a subclass of ``methods.AbstractMethod``; ``name`` = entry name
+``hf_architectures`` ``atpframework.hf_architectures`` a ``backends.huggingface.ArchitectureAdapter`` subclass;
+                                                   the entry name is a ``config.model_type``
+=================== ============================== ===================================================
 
 Listing a group never imports a plugin; a plugin module is imported only when a plan names it.
-``register()`` adds a class by hand (notebooks, tests) without an installed distribution.
+``register()`` adds a class by hand (notebooks, tests) without an installed distribution. This module
+sits below everything it loads: it names each contract's base class by its import path, so it imports
+no other part of the package.
 """
 
+from dataclasses import dataclass
+from importlib import import_module
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from .errors import PluginError
 
-GROUPS: dict[str, str] = {"backends": "atpframework.backends", "nodes": "atpframework.nodes"}
+
+@dataclass(frozen=True)
+class Contract:
+    """What a plugin of one kind must be."""
+
+    group: str
+    """Entry-point group."""
+    base: str
+    """``module:Class`` that every plugin of the kind subclasses."""
+    name_attribute: str | None
+    """Class attribute that must equal the entry-point name (None: the kind has none)."""
+
+
+CONTRACTS: dict[str, Contract] = {
+    "backends": Contract("atpframework.backends", "atpframework.backend:AbstractBackend", "name"),
+    "nodes": Contract("atpframework.nodes", "atpframework.node:AbstractNode", "kind"),
+    "methods": Contract("atpframework.methods", "atpframework.methods:AbstractMethod", "name"),
+    "hf_architectures": Contract("atpframework.hf_architectures", "atpframework.backends.huggingface:ArchitectureAdapter", None),
+}
+GROUPS: dict[str, str] = {kind: contract.group for kind, contract in CONTRACTS.items()}
 """Plugin kind -> entry-point group name."""
 
-_registered: dict[str, dict[str, type]] = {kind: {} for kind in GROUPS}
-_loaded: dict[str, dict[str, type]] = {kind: {} for kind in GROUPS}
+_registered: dict[str, dict[str, type]] = {kind: {} for kind in CONTRACTS}
+_loaded: dict[str, dict[str, type]] = {kind: {} for kind in CONTRACTS}
 
 
 def _entry_points(kind: str) -> dict[str, EntryPoint]:
-    return {ep.name: ep for ep in entry_points(group=GROUPS[kind])}
+    """The kind's entry points by name, first declaration first (the order a distribution lists them)."""
+    found: dict[str, EntryPoint] = {}
+    for ep in entry_points(group=GROUPS[kind]):
+        found.setdefault(ep.name, ep)
+    return found
 
 
 def available(kind: str) -> list[str]:
-    """Names of every installed or registered plugin of ``kind`` ("backends" or "nodes"), without importing any."""
-    return sorted(set(_entry_points(kind)) | set(_registered[kind]))
+    """Names of every installed or registered plugin of ``kind``, without importing any: sorted for nodes,
+    backends and architectures; for methods in the order their distributions declare them."""
+    names = list(_entry_points(kind)) + [n for n in _registered[kind] if n not in _entry_points(kind)]
+    return names if kind == "methods" else sorted(names)
 
 
 def register(kind: str, name: str, cls: type) -> None:
@@ -52,25 +89,29 @@ def load(kind: str, name: str) -> Any:
         eps = _entry_points(kind)
         if name not in eps:
             raise PluginError(
-                f"unknown {kind[:-1]} {name!r}; installed: {', '.join(available(kind)) or 'none'} "
+                f"unknown {_singular(kind)} {name!r}; installed: {', '.join(available(kind)) or 'none'} "
                 f"(third-party {kind} register under the entry-point group {GROUPS[kind]!r})"
             )
         try:
             cls = eps[name].load()
         except Exception as err:  # a broken plugin must not look like a missing one
-            raise PluginError(f"{kind[:-1]} plugin {name!r} ({eps[name].value}) failed to import: {err}") from err
+            raise PluginError(f"{_singular(kind)} plugin {name!r} ({eps[name].value}) failed to import: {err}") from err
         _check_class(kind, name, cls)
     _loaded[kind][name] = cls
     return cls
 
 
-def _check_class(kind: str, name: str, cls: type) -> None:
-    from .backend import AbstractBackend
-    from .node import AbstractNode
+def _singular(kind: str) -> str:
+    return {"hf_architectures": "architecture adapter"}.get(kind, kind[:-1])
 
-    base = AbstractBackend if kind == "backends" else AbstractNode
+
+def _check_class(kind: str, name: str, cls: Any) -> None:
+    contract = CONTRACTS[kind]
+    module, _, qualname = contract.base.partition(":")
+    base = getattr(import_module(module), qualname)
     if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise PluginError(f"{kind[:-1]} plugin {name!r} is {cls!r}, not a subclass of {base.__qualname__}")
-    declared = cls.name if kind == "backends" else cls.kind
-    if declared != name:
-        raise PluginError(f"{kind[:-1]} plugin registered as {name!r} declares the name {declared!r}; they must match")
+        raise PluginError(f"{_singular(kind)} plugin {name!r} is {cls!r}, not a subclass of {base.__qualname__}")
+    if contract.name_attribute is not None:
+        declared = getattr(cls, contract.name_attribute, None)
+        if declared != name:
+            raise PluginError(f"{_singular(kind)} plugin registered as {name!r} declares the name {declared!r}; they must match")

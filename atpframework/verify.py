@@ -24,7 +24,8 @@ from torch import Tensor
 from .api import as_plan, load_backend, splice_saes
 from .backend import AbstractBackend
 from .diagnostic import SubsetStats, subsample, welch_bounds
-from .engine import CompiledPlan, batch_runs, compile_plan
+from .compiled import CompiledPlan
+from .engine import batch_runs, compile_plan
 from .errors import PlanError, shorten
 from .metrics import resolve_metric
 from .patching import ExactPatcher
