@@ -102,6 +102,7 @@ class FirstOrder(AbstractMethod[ConfigT]):
     """Shared engine of the first-order methods (see module docstring)."""
 
     exact = False
+    exact_where_linear = True
     qk_fix: ClassVar[bool] = False
     graddrop: ClassVar[bool] = False
 

@@ -31,13 +31,13 @@ from .patching import ExactPatcher
 from .plan import MethodConfig
 
 
-def _steps(compiled: CompiledPlan, n_sets: int, per_pass: int, rows: str, action: str) -> list[PassStep]:
+def _steps(compiled: CompiledPlan, n_sets: int, per_pass: int, rows: str, action: str, minimum: bool = False) -> list[PassStep]:
     return [
         PassStep("noise_forward", "forward", 1, "noise prompts", compiled.sites, "capture activations (no grad)"),
         PassStep("clean_forward", "forward", 1, "clean prompts", (), "baseline metric, residual stream cached (no grad)"),
         PassStep(
             "patched_forward", "forward", -(-n_sets // per_pass), f"clean prompts x up to {per_pass} {rows}", compiled.sites,
-            action, forward_equivalents=float(n_sets),
+            action, count_is_minimum=minimum, forward_equivalents=float(n_sets),
         ),
     ]
 
@@ -167,6 +167,7 @@ class Hierarchical(JointPatching[HierarchicalConfig]):
         return _steps(
             compiled, n_groups, spec.sets_per_pass, "groups",
             f"groups patched jointly, the largest |effect| split {spec.branching} ways, up to {spec.budget} groups",
+            minimum=True,  # a round's groups do not always fill whole passes
         )
 
     def run_batch(self, run: BatchRun) -> BatchScores:

@@ -49,6 +49,9 @@ class PassStep:
     sites: tuple[Site, ...] = ()
     """Sites captured, patched or receiving gradients."""
     action: str = ""
+    count_is_minimum: bool = False
+    """``count`` is the fewest passes the step can take; how many it takes depends on the data
+    (``hierarchical``: which groups get split). Its cost in rows (``forward_equivalents``) is exact."""
     forward_equivalents: float | None = None
     """Cost of this step per prompt pair in forward passes; None: ``count`` for forwards, ``2 * count``
     for backwards, 0 for attention recomputation."""
@@ -115,7 +118,8 @@ class CompiledPlan:
         )
         lines.append("passes per batch:")
         for step in self.steps:
-            lines.append(f"  {step.count} x {step.kind:8s} {step.name}: {step.rows}; {step.action}")
+            count = f">={step.count}" if step.count_is_minimum else str(step.count)
+            lines.append(f"  {count} x {step.kind:8s} {step.name}: {step.rows}; {step.action}")
         totals: dict[str, int] = {}
         for step in self.steps:
             if step.kind != "attention":

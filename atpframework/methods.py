@@ -41,6 +41,10 @@ class AbstractMethod(ABC, Generic[ConfigT]):
     config_type: type[ConfigT]
     """The pydantic class of this method's plan options."""
     exact: ClassVar[bool]
+    """The scores are exact patching effects."""
+    exact_where_linear: ClassVar[bool] = False
+    """The scores equal exact patching wherever the metric is linear in each node (the first-order family);
+    the conformance kit (``atpframework.testing``) holds the method to it."""
 
     def options(self, compiled: CompiledPlan) -> ConfigT:
         """The plan's method options, as this method's own config class."""

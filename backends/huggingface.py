@@ -41,6 +41,7 @@ import torch
 from einops import einsum
 from torch import Tensor, nn
 
+from atpframework import plugins
 from atpframework.backend import (
     AbstractBackend,
     ModelInfo,
@@ -52,7 +53,7 @@ from atpframework.backend import (
     usable_tokenizer,
 )
 from atpframework.bundled import BUNDLED_PREFIX, bundled_model_dir
-from atpframework.errors import BackendError, PlanError
+from atpframework.errors import BackendError, PlanError, PluginError
 from atpframework.sites import SITE_NAMES, Site
 
 _ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -246,28 +247,25 @@ class Gemma2Adapter(LlamaAdapter):
         return self.layers()[layer].post_feedforward_layernorm
 
 
-ARCHITECTURE_GROUP = "atpframework.hf_architectures"
-"""Entry-point group of architecture adapters: the entry name is a ``config.model_type``, the value an
-``ArchitectureAdapter`` subclass. The built-in ones register here exactly as a third party would."""
+ARCHITECTURE_GROUP = plugins.GROUPS["hf_architectures"]
+"""Entry-point group of architecture adapters (plugin kind ``hf_architectures``): the entry name is a
+``config.model_type``, the value an ``ArchitectureAdapter`` subclass. The built-in ones register here
+exactly as a third party would."""
 
 
 def adapter_for(model: nn.Module) -> ArchitectureAdapter:
     """The adapter registered for ``model``'s ``config.model_type``, or a BackendError naming the supported types."""
-    from importlib.metadata import entry_points
-
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    registered = {ep.name: ep for ep in entry_points(group=ARCHITECTURE_GROUP)}
-    if model_type not in registered:
+    supported = plugins.available("hf_architectures")
+    if not isinstance(model_type, str) or model_type not in supported:
         raise BackendError(
-            f"the huggingface backend does not support model_type {model_type!r}; supported: {', '.join(sorted(registered))} "
+            f"the huggingface backend does not support model_type {model_type!r}; supported: {', '.join(supported)} "
             f"(adapters register under the entry-point group {ARCHITECTURE_GROUP!r}; the transformer_lens backend may serve it)"
         )
     try:
-        adapter_cls = registered[model_type].load()
-    except Exception as err:
-        raise BackendError(f"architecture adapter {model_type!r} ({registered[model_type].value}) failed to import: {err}") from err
-    if not (isinstance(adapter_cls, type) and issubclass(adapter_cls, ArchitectureAdapter)):
-        raise BackendError(f"architecture adapter {model_type!r} is {adapter_cls!r}, not an ArchitectureAdapter subclass")
+        adapter_cls = plugins.load("hf_architectures", model_type)
+    except PluginError as err:
+        raise BackendError(str(err)) from err
     return adapter_cls(model)
 
 

@@ -159,6 +159,133 @@ def test_discovery_lists_without_importing(plugin_site):
     assert out["backends"] == ["huggingface", "transformer_lens"]
 
 
+def _zero_ablation_reference(model_dir, plan):
+    """Zero ablation of every residual-stream node with plain transformers hooks: the input of block
+    ``layer`` (of the final layer norm for the last layer) at ``pos`` set to zero; the logit difference at
+    the last position, per prompt pair."""
+    import transformers
+
+    model = transformers.GPT2LMHeadModel.from_pretrained(model_dir).eval()
+    n_layers = model.config.n_layer
+    out = torch.zeros(len(plan["prompts"]), n_layers + 1, len(plan["prompts"][0]["clean"]))
+    entry = [*model.transformer.h, model.transformer.ln_f]
+
+    def logit_diff(tokens, pair, layer=None, pos=None):
+        handle = None
+        if layer is not None:
+            def zero(module, args, kwargs):
+                hidden = args[0].clone()
+                hidden[:, pos] = 0
+                return (hidden, *args[1:]), kwargs
+            handle = entry[layer].register_forward_pre_hook(zero, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                logits = model(torch.tensor([tokens])).logits[0, -1]
+        finally:
+            if handle is not None:
+                handle.remove()
+        return float(logits[pair["answer"]] - logits[pair["wrong_answer"]])
+
+    for i, pair in enumerate(plan["prompts"]):
+        base = logit_diff(pair["clean"], pair)
+        for layer in range(n_layers + 1):
+            for pos in range(len(pair["clean"])):
+                out[i, layer, pos] = logit_diff(pair["clean"], pair, layer, pos) - base
+    return out
+
+
+def test_a_third_party_method_installs_appears_in_the_schema_and_runs_from_a_json_plan(plugin_site, hf_dir, tmp_path):
+    """``atpf-example-plugin`` adds the method ``zero_ablation`` through an entry point, with no edit to the core."""
+    env = subprocess_env(PYTHONPATH=str(plugin_site))
+    schema = subprocess.run([sys.executable, "-m", "atpframework", "schema"], capture_output=True, text=True, env=env, timeout=120)
+    assert schema.returncode == 0, schema.stderr
+    methods = json.loads(schema.stdout)["properties"]["method"]["discriminator"]["mapping"]
+    assert "zero_ablation" in methods and "atp_star" in methods
+    plan = {"model": {"source": str(hf_dir), "backend": "huggingface"}, "prompts": PROMPTS,
+            "nodes": [{"kind": "resid"}], "method": {"name": "zero_ablation", "nodes_per_pass": 5}}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    proc = subprocess.run([sys.executable, "-m", "atpframework", "plan.json", "-o", "out.safetensors"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = af.load_result(tmp_path / "out.safetensors")
+    assert result.method == "zero_ablation" and result.sign_convention.startswith("effect = metric(clean run with node <- 0)")
+    reference = _zero_ablation_reference(hf_dir, plan)
+    assert reference.abs().max() > 1e-3
+    torch.testing.assert_close(result["resid"].per_pair, reference, atol=1e-5, rtol=1e-5)
+    # without the plugin on the path the method is unknown, and the message lists the installed ones
+    absent = subprocess.run([sys.executable, "-m", "atpframework", "plan.json", "--dry-run"],
+                            cwd=tmp_path, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert absent.returncode == 2 and "unknown method 'zero_ablation'" in absent.stderr and "'atp_star'" in absent.stderr
+
+
+def test_the_third_party_method_passes_the_conformance_kit(plugin_site):
+    from atpframework.testing import check_method
+
+    spec = importlib.util.spec_from_file_location("_atpf_zero_ablation", plugin_site / "atpf_example_plugin" / "zero_ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    plugins.register("methods", "zero_ablation", module.ZeroAblation)
+    try:
+        report = check_method("zero_ablation", {"nodes_per_pass": 7})
+    finally:
+        plugins.unregister("methods", "zero_ablation")
+    assert report["hooks"]["interrupted_runs"] >= 2 and report["round_trip"] == 6
+    assert report["linear"].startswith("skipped")  # not activation patching: the kit holds it to no exactness claim
+
+
+@pytest.mark.parametrize("name", ["atp", "atp_qkfix", "atp_graddrop", "atp_star", "activation_patching", "subsampling", "blocks", "hierarchical"])
+def test_every_built_in_method_passes_the_conformance_kit(name):
+    from atpframework.testing import check_method
+
+    options = {"subsampling": {"samples": 8}, "hierarchical": {"budget": 8}, "blocks": {"block_size": 4}}.get(name)
+    report = check_method(name, options)
+    if name in ("atp", "atp_qkfix", "activation_patching"):
+        assert report["linear"] < 1e-5  # held to exact patching where the metric is linear
+
+
+@pytest.mark.parametrize("kind", ["attn_head", "attn_q", "attn_k", "attn_v", "mlp_neuron", "resid"])
+def test_every_built_in_node_type_passes_the_conformance_kit(kind):
+    from atpframework.testing import check_node_type
+
+    node = {"kind": kind, "positions": [-1]} if kind == "mlp_neuron" else {"kind": kind}
+    assert check_node_type(node)["brute_force"] < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["transformer_lens", "huggingface"])
+def test_both_built_in_backends_pass_the_conformance_kit(backend, hf_dir):
+    from atpframework.testing import check_backend
+
+    plan = af.as_plan({"model": {"source": str(hf_dir), "backend": backend}, "prompts": PROMPTS,
+                       "nodes": [{"kind": "resid"}], "method": {"name": "atp"}})
+    report = check_backend(lambda: af.load_backend(plan))
+    assert report["brute_force"] < 1e-4 and report["hooks"]["interrupted_runs"] == 3
+
+
+def test_the_conformance_kit_catches_a_method_that_leaks_hooks_or_miscounts_passes():
+    """The kit can fail: a method whose forward hooks stay behind, and one that runs a pass it does not declare."""
+    from atpframework.patching import ActivationPatching
+    from atpframework.testing import check_method
+
+    class Leaky(ActivationPatching):
+        def run_batch(self, run):
+            run.backend.model.blocks[0].register_forward_hook(lambda *args: None)
+            return super().run_batch(run)
+
+    class Miscounted(ActivationPatching):
+        def run_batch(self, run):
+            run.backend.forward(run.clean_tokens, {})  # an undeclared extra pass
+            return super().run_batch(run)
+
+    for cls, message in ((Leaky, "hooks left on the model"), (Miscounted, "forward passes; the plan's steps declare")):
+        plugins.unregister("methods", "activation_patching")
+        plugins.register("methods", "activation_patching", cls)
+        try:
+            with pytest.raises(AssertionError, match=message):
+                check_method("activation_patching", nodes=[{"kind": "attn_head", "positions": [-1]}])
+        finally:
+            plugins.unregister("methods", "activation_patching")
+
+
 # ----------------------------------------------------------------------------------------- in process
 @pytest.fixture(scope="module")
 def model():
