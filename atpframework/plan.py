@@ -11,6 +11,7 @@ and the allowed values.
 import json
 import math
 from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, Union
 
 import torch
@@ -251,20 +252,7 @@ def _node_kinds(nodes: Any) -> list[str]:
     for i, node in enumerate(nodes):
         if not isinstance(node, dict):
             raise PlanError(f"nodes[{i}]: must be an object with a 'kind', got {shorten(node)}; kinds: {_kinds()}")
-        kind = node.get("kind")
-        if not isinstance(kind, str):
-            what = "missing" if kind is None else f"must be a string, got {shorten(kind)}"
-            raise PlanError(f"nodes[{i}].kind: {what}; allowed: {_kinds()}")
-        try:
-            plugins.load("nodes", kind)
-        except PluginError as err:
-            if kind in plugins.available("nodes"):  # installed, but broken
-                raise PlanError(f"nodes[{i}].kind: {err}") from err
-            raise PlanError(
-                f"nodes[{i}].kind: unknown node {shorten(kind)}; installed: {_kinds()} "
-                f"(third-party nodes register under the entry-point group {plugins.GROUPS['nodes']!r})"
-            ) from None
-        kinds.append(kind)
+        kinds.append(_plugin_named("nodes", node.get("kind"), f"nodes[{i}].kind", f"nodes[{i}].kind", _kinds))
     return kinds
 
 
@@ -272,21 +260,25 @@ def _method_names(method: Any) -> list[str]:
     """The method a plan names, its plugin imported (empty if ``method`` is not an object: pydantic reports it)."""
     if not isinstance(method, dict):
         return []
-    name = method.get("name")
-    allowed = ", ".join(repr(n) for n in method_names())
+    return [_plugin_named("methods", method.get("name"), "method.name", "method", lambda: ", ".join(map(repr, method_names())))]
+
+
+def _plugin_named(kind: str, name: Any, where: str, unknown_at: str, listed: Callable[[], str]) -> str:
+    """``name`` if it names an installed plugin of ``kind`` (imported now); otherwise a ``PlanError`` at
+    ``where`` (``unknown_at`` for a name nothing installed has) listing the installed ones."""
     if not isinstance(name, str):
         what = "missing" if name is None else f"must be a string, got {shorten(name)}"
-        raise PlanError(f"method.name: {what}; allowed: {allowed}")
+        raise PlanError(f"{where}: {what}; allowed: {listed()}")
     try:
-        plugins.load("methods", name)
+        plugins.load(kind, name)
     except PluginError as err:
-        if name in plugins.available("methods"):  # installed, but broken
-            raise PlanError(f"method.name: {err}") from err
+        if name in plugins.available(kind):  # installed, but broken
+            raise PlanError(f"{where}: {err}") from err
         raise PlanError(
-            f"method: unknown method {shorten(name)}; installed: {allowed} "
-            f"(third-party methods register under the entry-point group {plugins.GROUPS['methods']!r})"
+            f"{unknown_at}: unknown {kind[:-1]} {shorten(name)}; installed: {listed()} "
+            f"(third-party {kind} register under the entry-point group {plugins.GROUPS[kind]!r})"
         ) from None
-    return [name]
+    return name
 
 
 def method_names() -> list[str]:
