@@ -280,97 +280,146 @@ class FirstOrder(AbstractMethod[ConfigT]):
         """
         full = tuple(Site("attn_k", layer) for layer in layout.joint_layers) if first else ()
         noise_acts, metric_noise = noise_forward(run, positions=positions, full=full)
-        tensors: dict[Site, Tensor] = {}
-        values: dict[Site, Tensor] = {}
-        deltas: dict[Site, Tensor] = {}
-        plain_grads: dict[Site, Tensor] = {}
-        leaves: list[Tensor] = []
-        cotangents = {layout.terms[t].cotangent for t in layout.active}
-        state: dict[str, object] = {"term": None, "fired": set()}
-        attention = _AttentionCache(run, noise_acts, values, layout, positions, first)
-        seq_len = run.batch.seq_len
-
-        def on_grad(site: Site, grad: Tensor) -> None:
-            term = state["term"]
-            state["fired"].add(site)  # type: ignore[attr-defined]
-            for b, mode in layout.contributors[site]:
-                if mode == "joint":
-                    if not first:
-                        continue
-                    effect = attention.joint_effect(site.layer, grad)[:, None]  # batch pos=1 kv_head
-                else:
-                    if mode == "grad":
-                        effect = b.node.elementwise_effect(deltas[site], take_positions(grad, positions))
-                    else:
-                        effect = attention.effect(mode, site.layer, grad)
-                    effect = _expand_positions(effect, positions, seq_len)
-                scores.add(b, site, term, b.reduce(effect).float().to(scores.device))  # type: ignore[arg-type]
-
-        def gradient_hook(site: Site) -> SiteHook:
-            def hook(act: Tensor) -> Tensor | None:
-                replacement = None
-                if not act.requires_grad:  # frozen weights or a detached input: make this site a leaf of the graph
-                    act = replacement = act.detach().requires_grad_(True)
-                    leaves.append(act)  # not downstream of the floor: the backward passes must ask for it
-                tensors[site] = act
-                if any(mode == "grad" for _, mode in layout.contributors[site]):
-                    deltas[site] = noise_acts[site] - take_positions(act.detach(), positions)
-                act.register_hook(lambda grad: on_grad(site, grad))
-                return replacement
-
-            return hook
-
-        def keep_hook(site: Site) -> SiteHook:
-            def keep_plain_grad(grad: Tensor) -> None:
-                if state["term"] is None:
-                    plain_grads[site] = grad
-
-            def hook(act: Tensor) -> None:
-                tensors[site] = act
-                if site in cotangents:
-                    act.register_hook(keep_plain_grad)
-
-            return hook
-
-        def value_hook(site: Site) -> SiteHook:
-            def hook(act: Tensor) -> None:
-                values[site] = act.detach()
-
-            return hook
-
-        hooks: dict[Site, list[SiteHook]] = defaultdict(list)
-        for site in layout.contributors:
-            hooks[site].append(gradient_hook(site))
-        for site in layout.value_sites:
-            hooks[site].append(value_hook(site))
-        for site in layout.restart_sites:
-            hooks[site].append(keep_hook(site))
-
+        gradients = _GradientPass(run, layout, scores, positions, first, noise_acts)
         with torch.enable_grad():
-            logits = run.backend.forward(run.clean_tokens, hooks)
-            metric_clean = run.metric(logits, run.metric_inputs(run.clean_tokens))
-            del logits
-            if not metric_clean.requires_grad:
-                raise BackendError("the metric does not depend on any hooked activation (no gradient path)")
-            floor = [tensors[s] for s in layout.floor]
-            floor += [leaf for leaf in leaves if all(leaf is not t for t in floor)]
-            torch.autograd.grad(metric_clean.sum(), floor, retain_graph=bool(layout.active), allow_unused=True)
-            _check_arrivals(set(layout.contributors), state["fired"], "")  # type: ignore[arg-type]
-            for n, t in enumerate(layout.active):
-                term = layout.terms[t]
-                if term.cotangent not in plain_grads:
-                    raise BackendError(f"GradDrop: no gradient arrived at {term.cotangent}, needed to restart below {term.label}")
-                state["term"], state["fired"] = t, set()
-                roots = [tensors[s] for s in term.roots if tensors[s].requires_grad]  # frozen weights: some roots are constants
-                grads = [plain_grads[term.cotangent].to(root.device) for root in roots]  # multi-device: a layer's own device
-                last = n == len(layout.active) - 1
-                torch.autograd.grad(roots, floor, grads, retain_graph=not last, allow_unused=True)
-                expected = {s for s in layout.contributors if term.relation(s) == "reached"}
-                _check_arrivals(expected, state["fired"], f" with {term.label} dropped")  # type: ignore[arg-type]
-                attention.release_from(term.layer)  # later (lower) terms never reach this layer's attention
-                if all(layout.terms[later].cotangent != term.cotangent for later in layout.active[n + 1 :]):
-                    del plain_grads[term.cotangent]
+            metric_clean = gradients.clean_forward()
+            floor = gradients.plain_backward(metric_clean)
+            for n in range(len(layout.active)):
+                gradients.restarted_backward(n, floor)
         return metric_clean.detach(), metric_noise
+
+
+class _GradientPass:
+    """The clean forward and backward passes of one position chunk, in named steps.
+
+    ``clean_forward`` runs the clean prompts with a hook at every site the plan needs: gradient sites
+    (their activation kept, their noise - clean difference taken, a tensor hook scoring the gradient
+    when it arrives), QK-fix value sites (activations kept) and GradDrop restart sites (the plain
+    gradient kept where a restart needs it). ``plain_backward`` takes the gradient of the summed
+    metric down to the lowest node layer; ``restarted_backward(n)`` restarts it below the ``n``-th
+    active GradDrop term, with that write's gradient dropped. Each backward checks that a gradient
+    arrived at exactly the sites it must reach.
+    """
+
+    def __init__(
+        self, run: BatchRun, layout: _Layout, scores: "_Scores", positions: Tensor | None, first: bool, noise_acts: dict[Site, Tensor]
+    ) -> None:
+        self.run, self.layout, self.scores, self.positions, self.first = run, layout, scores, positions, first
+        self.noise_acts = noise_acts
+        self.tensors: dict[Site, Tensor] = {}
+        """Clean activations (in the graph) at every hooked site."""
+        self.values: dict[Site, Tensor] = {}
+        """Detached clean activations the QK fix reads."""
+        self.deltas: dict[Site, Tensor] = {}
+        """Noise minus clean activation at the gradient sites scored as ``delta . grad``."""
+        self.plain_grads: dict[Site, Tensor] = {}
+        """The plain backward's gradient at each GradDrop term's cotangent site."""
+        self.leaves: list[Tensor] = []
+        """Activations made leaves of the graph (sites not downstream of the floor)."""
+        self.cotangents = {layout.terms[t].cotangent for t in layout.active}
+        self.term: int | None = None
+        """The GradDrop term whose restarted backward is running (None: the plain backward)."""
+        self.fired: set[Site] = set()
+        """Sites whose gradient arrived in the running backward."""
+        self.attention = _AttentionCache(run, noise_acts, self.values, layout, positions, first)
+
+    # ------------------------------------------------------------- the steps
+    def clean_forward(self) -> Tensor:
+        """The hooked clean forward; returns the per-pair metric, its graph kept."""
+        run = self.run
+        logits = run.backend.forward(run.clean_tokens, self._hooks())
+        metric_clean = run.metric(logits, run.metric_inputs(run.clean_tokens))
+        del logits
+        if not metric_clean.requires_grad:
+            raise BackendError("the metric does not depend on any hooked activation (no gradient path)")
+        return metric_clean
+
+    def plain_backward(self, metric_clean: Tensor) -> list[Tensor]:
+        """d(sum of per-pair metric)/d(site) down to the floor, scored on arrival; returns the floor tensors."""
+        layout = self.layout
+        floor = [self.tensors[s] for s in layout.floor]
+        floor += [leaf for leaf in self.leaves if all(leaf is not t for t in floor)]
+        torch.autograd.grad(metric_clean.sum(), floor, retain_graph=bool(layout.active), allow_unused=True)
+        _check_arrivals(set(layout.contributors), self.fired, "")
+        return floor
+
+    def restarted_backward(self, n: int, floor: list[Tensor]) -> None:
+        """GradDrop: the backward restarted below the ``n``-th active term's write, that write's gradient dropped."""
+        layout = self.layout
+        t = layout.active[n]
+        term = layout.terms[t]
+        if term.cotangent not in self.plain_grads:
+            raise BackendError(f"GradDrop: no gradient arrived at {term.cotangent}, needed to restart below {term.label}")
+        self.term, self.fired = t, set()
+        roots = [self.tensors[s] for s in term.roots if self.tensors[s].requires_grad]  # frozen weights: some roots are constants
+        grads = [self.plain_grads[term.cotangent].to(root.device) for root in roots]  # multi-device: a layer's own device
+        last = n == len(layout.active) - 1
+        torch.autograd.grad(roots, floor, grads, retain_graph=not last, allow_unused=True)
+        expected = {s for s in layout.contributors if term.relation(s) == "reached"}
+        _check_arrivals(expected, self.fired, f" with {term.label} dropped")
+        self.attention.release_from(term.layer)  # later (lower) terms never reach this layer's attention
+        if all(layout.terms[later].cotangent != term.cotangent for later in layout.active[n + 1 :]):
+            del self.plain_grads[term.cotangent]
+
+    # ------------------------------------------------------------- hooks and gradient arrival
+    def _hooks(self) -> dict[Site, list[SiteHook]]:
+        hooks: dict[Site, list[SiteHook]] = defaultdict(list)
+        for site in self.layout.contributors:
+            hooks[site].append(self._gradient_hook(site))
+        for site in self.layout.value_sites:
+            hooks[site].append(self._value_hook(site))
+        for site in self.layout.restart_sites:
+            hooks[site].append(self._keep_hook(site))
+        return hooks
+
+    def _on_grad(self, site: Site, grad: Tensor) -> None:
+        """Score every node selection read at ``site`` from its gradient, for the running term."""
+        self.fired.add(site)
+        positions, seq_len = self.positions, self.run.batch.seq_len
+        for b, mode in self.layout.contributors[site]:
+            if mode == "joint":
+                if not self.first:
+                    continue
+                effect = self.attention.joint_effect(site.layer, grad)[:, None]  # batch pos=1 kv_head
+            else:
+                if mode == "grad":
+                    effect = b.node.elementwise_effect(self.deltas[site], take_positions(grad, positions))
+                else:
+                    effect = self.attention.effect(mode, site.layer, grad)
+                effect = _expand_positions(effect, positions, seq_len)
+            self.scores.add(b, site, self.term, b.reduce(effect).float().to(self.scores.device))
+
+    def _gradient_hook(self, site: Site) -> SiteHook:
+        def hook(act: Tensor) -> Tensor | None:
+            replacement = None
+            if not act.requires_grad:  # frozen weights or a detached input: make this site a leaf of the graph
+                act = replacement = act.detach().requires_grad_(True)
+                self.leaves.append(act)  # not downstream of the floor: the backward passes must ask for it
+            self.tensors[site] = act
+            if any(mode == "grad" for _, mode in self.layout.contributors[site]):
+                self.deltas[site] = self.noise_acts[site] - take_positions(act.detach(), self.positions)
+            act.register_hook(lambda grad: self._on_grad(site, grad))
+            return replacement
+
+        return hook
+
+    def _keep_hook(self, site: Site) -> SiteHook:
+        def keep_plain_grad(grad: Tensor) -> None:
+            if self.term is None:
+                self.plain_grads[site] = grad
+
+        def hook(act: Tensor) -> None:
+            self.tensors[site] = act
+            if site in self.cotangents:
+                act.register_hook(keep_plain_grad)
+
+        return hook
+
+    def _value_hook(self, site: Site) -> SiteHook:
+        def hook(act: Tensor) -> None:
+            self.values[site] = act.detach()
+
+        return hook
 
 
 def _check_arrivals(expected: set[Site], fired: set[Site], context: str) -> None:
@@ -428,6 +477,17 @@ class _Scores:
         return out
 
 
+@dataclass
+class _LayerTables:
+    """One layer's QK-fix tables for one chunk of positions (those its node modes need)."""
+
+    group: int
+    """Query heads per key/value head."""
+    query_dz: Tensor | None = None
+    key_patch: KeyPatch | None = None
+    joint_dz: Tensor | None = None
+
+
 class _AttentionCache:
     """Per layer, the QK-fix tables for one chunk of positions, prepared when the layer's gradient first
     arrives (the layer's ``query key`` tables are transient; only ``query chunk`` tables are kept)."""
@@ -443,28 +503,27 @@ class _AttentionCache:
         if not first:
             for modes in self.modes.values():
                 modes.discard("joint")
-        self.layers: dict[int, dict[str, object]] = {}
+        self.layers: dict[int, _LayerTables] = {}
 
-    def _layer(self, layer: int) -> dict[str, object]:
+    def _layer(self, layer: int) -> _LayerTables:
         if layer in self.layers:
             return self.layers[layer]
         backend, positions, modes = self.run.backend, self.positions, self.modes[layer]
         q, k, v = (_upcast(self.values[Site(name, layer)]) for name in ("attn_q", "attn_k", "attn_v"))
-        tables: dict[str, object] = {}
         with torch.no_grad():
             clean = clean_attention(backend.attention_logits(layer, q, k), v)
-            tables["group"] = clean.group
+            tables = _LayerTables(clean.group)
             if "query" in modes:  # rows of the chunk's positions, each with its noise query
                 noise_q = _upcast(self.noise[Site("attn_q", layer)])
                 logits = backend.attention_logits(layer, _with_positions(q, noise_q, positions), k)
-                tables["query_dz"] = query_delta_z(clean, take_positions(logits, positions, dim=2), positions)
+                tables.query_dz = query_delta_z(clean, take_positions(logits, positions, dim=2), positions)
             noise_k = _upcast(self.noise[Site("attn_k", layer)]) if modes & {"key", "joint"} else None
             if "joint" in modes:  # noise keys kept at every position
-                tables["joint_dz"] = joint_key_delta_z(clean, backend.attention_logits(layer, q, noise_k))
+                tables.joint_dz = joint_key_delta_z(clean, backend.attention_logits(layer, q, noise_k))
                 noise_k = take_positions(noise_k, positions)
             if "key" in modes:  # columns of the chunk's positions
                 logits = backend.attention_logits(layer, q, _with_positions(k, noise_k, positions))
-                tables["key_patch"] = key_patch(clean, logits, positions)
+                tables.key_patch = key_patch(clean, logits, positions)
         self.layers[layer] = tables
         return tables
 
@@ -473,14 +532,16 @@ class _AttentionCache:
         dz = _upcast(dz)
         tables = self._layer(layer)
         if mode == "query":
-            return (tables["query_dz"] * take_positions(dz, self.positions)).sum(-1)  # type: ignore[operator]
-        patch: KeyPatch = tables["key_patch"]  # type: ignore[assignment]
-        return key_effects(patch, dz)
+            assert tables.query_dz is not None, "prepared for every layer with query nodes"
+            return (tables.query_dz * take_positions(dz, self.positions)).sum(-1)
+        assert tables.key_patch is not None, "prepared for every layer with key nodes"
+        return key_effects(tables.key_patch, dz)
 
     def joint_effect(self, layer: int, dz: Tensor) -> Tensor:
         """``batch kv_head``: effect of patching every key of each key/value head at once."""
         tables = self._layer(layer)
-        return joint_key_effects(tables["joint_dz"], _upcast(dz), tables["group"])  # type: ignore[arg-type]
+        assert tables.joint_dz is not None, "prepared for every layer with jointly patched keys"
+        return joint_key_effects(tables.joint_dz, _upcast(dz), tables.group)
 
     def release_from(self, layer: int) -> None:
         """Forget the layers at or above ``layer``."""

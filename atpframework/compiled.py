@@ -49,12 +49,12 @@ class PassStep:
     sites: tuple[Site, ...] = ()
     """Sites captured, patched or receiving gradients."""
     action: str = ""
-    count_is_minimum: bool = False
-    """``count`` is the fewest passes the step can take; how many it takes depends on the data
-    (``hierarchical``: which groups get split). Its cost in rows (``forward_equivalents``) is exact."""
     forward_equivalents: float | None = None
     """Cost of this step per prompt pair in forward passes; None: ``count`` for forwards, ``2 * count``
     for backwards, 0 for attention recomputation."""
+    count_is_minimum: bool = False
+    """``count`` is the fewest passes the step can take; how many it takes depends on the data
+    (``hierarchical``: which groups get split). Its cost in rows (``forward_equivalents``) is exact."""
 
     @property
     def cost(self) -> float:

@@ -78,11 +78,12 @@ class ArchitectureAdapter:
     normalization: ClassVar[str]
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.config = model.config
+        self.model: Any = model
+        """A ``transformers`` model: its submodules are found by attribute, per architecture."""
+        self.config: Any = model.config
 
     # modules
-    def layers(self) -> Sequence[nn.Module]:
+    def layers(self) -> Sequence[Any]:
         raise NotImplementedError
 
     def final_norm(self) -> nn.Module:
@@ -143,7 +144,7 @@ class GPT2Adapter(ArchitectureAdapter):
     positional_embedding = "standard"
     normalization = "LN"
 
-    def layers(self) -> Sequence[nn.Module]:
+    def layers(self) -> Sequence[Any]:
         return self.model.transformer.h
 
     def final_norm(self) -> nn.Module:
@@ -178,7 +179,7 @@ class LlamaAdapter(ArchitectureAdapter):
     positional_embedding = "rotary"
     normalization = "RMS"
 
-    def layers(self) -> Sequence[nn.Module]:
+    def layers(self) -> Sequence[Any]:
         return self.model.model.layers
 
     def final_norm(self) -> nn.Module:
@@ -209,7 +210,7 @@ class GPTNeoXAdapter(ArchitectureAdapter):
     positional_embedding = "rotary"
     normalization = "LN"
 
-    def layers(self) -> Sequence[nn.Module]:
+    def layers(self) -> Sequence[Any]:
         return self.model.gpt_neox.layers
 
     def final_norm(self) -> nn.Module:
