@@ -150,3 +150,20 @@ def test_sizes_and_chunks():
     backend = af.load_backend(af.as_plan(make_plan(NODES)), model=tiny_model())
     bound = compile_plan(af.as_plan(make_plan([{"kind": "attn_v", "positions": [1, -1]}, {"kind": "resid", "positions": [3]}])), backend).bound
     assert node_positions(bound) == [1, 3, 5]
+
+
+@pytest.mark.parametrize("method", ["atp", "atp_star"])
+def test_each_step_of_a_chunked_plan_costs_its_chunks_times_the_unchunked_step(method):
+    """Dry-run accounting: chunking repeats every pass once per chunk (the restarted GradDrop backwards
+    included), so each step's count and cost scale by the number of chunks."""
+    model = tiny_model()
+    plan = make_plan([{"kind": "attn_q"}, {"kind": "mlp_neuron"}], method={"name": method}, prompts=_pairs(1), batch_size=1)
+    whole = af.compile(plan, model=model)
+    chunked = af.compile({**plan, "max_memory": _budget_for(plan, model, 1, 2)}, model=model)
+    chunks = chunked.method.chunk_count(chunked)
+    assert chunks > 1
+    assert [s.name for s in chunked.steps] == [s.name for s in whole.steps]
+    for step, one in zip(chunked.steps, whole.steps):
+        assert step.count == chunks * one.count, step.name
+        assert step.cost == pytest.approx(chunks * one.cost), step.name
+    assert chunked.method.cost(chunked) == pytest.approx(chunks * whole.method.cost(whole))
