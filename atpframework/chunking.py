@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from decimal import Decimal, localcontext
 
 import torch
+from pydantic import ByteSize
 from torch import Tensor
 
 from .backend import ModelInfo
@@ -26,7 +27,10 @@ from .errors import PlanError, shorten
 from .node import BoundNodes
 from .sites import Site
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+# pydantic's ByteSize unit table (IEC: kb = 1000, kib = 1024), limited to the units max_memory has always
+# accepted. ByteSize's own parser is not used: it multiplies in floating point (0.99999...KiB -> 1024),
+# reads floats, "1_000" and bit units, and ignores text after the unit; parse_bytes keeps exact arithmetic.
+_UNITS = {"": 1} | {u: int(ByteSize.byte_sizes[u]) for u in ("b", "kb", "mb", "gb", "tb", "kib", "mib", "gib", "tib")}
 ELEMENT_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 
 
@@ -71,7 +75,10 @@ def _describe(value: int | str) -> str:
 
 
 def format_bytes(n: float) -> str:
-    """``n`` bytes in the largest binary unit it reaches (``"1.5 GiB"``), or ``"512 B"``."""
+    """``n`` bytes in the largest binary unit it reaches (``"1.5 GiB"``), or ``"512 B"``.
+
+    Not ``ByteSize.human_readable``: that takes whole bytes only, rounds below 1 KiB and goes on to PiB/EiB.
+    """
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:.1f} {unit}"

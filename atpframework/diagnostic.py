@@ -14,9 +14,8 @@ that patches a batch of node subsets jointly and returns one scalar effect ``I(S
   test) into the upper confidence bound
   ``theta* = max_n (|d_n| + s_W,n * t_{confidence, nu_n})`` with Welch-Satterthwaite degrees of
   freedom ``nu_n``: with that confidence no node of ``R`` has ``|c(n)| > theta*``.
-* :func:`student_t_quantile` is the Student-t quantile the bound needs, in pure torch (float64): the
-  t CDF comes from the regularized incomplete beta function (a modified-Lentz continued fraction)
-  and is inverted by bracketed Newton iterations.
+* :func:`student_t_quantile` is the Student-t quantile the bound needs (float64), from
+  ``scipy.stats.t``.
 
 Conventions for degenerate data (all per node):
 
@@ -35,6 +34,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -49,37 +49,24 @@ __all__ = [
     "welch_bounds",
 ]
 
-_TINY = 1e-300
-_LOG2_E = 1.0 / math.log(2.0)
-_CF_EPS = 1e-15
-_CF_MAX_ITER = 50_000
-_NEWTON_MAX_ITER = 200
-_NEWTON_RTOL = 1e-12
 _PRUNE_FROM = 4096
 """Node count from which :func:`welch_bound` prunes nodes that cannot attain the maximum before solving
 for their t quantiles (below it one vectorized solve over all nodes is cheaper)."""
-_DF_EXPANSION = 1e4
-"""From this many degrees of freedom on, the quantile is the Cornish-Fisher series around the normal
-quantile (Abramowitz & Stegun 26.7.5, terms up to ``1/df^4``): its error there is far below 1e-12
-relative, while the continued fraction would need O(sqrt(df)) terms."""
-
-
-# torch.log / exp / sqrt on CPU go through MKL's vector math library. Once
-# torch.set_num_threads(n > 1) has been called, MKL threads them even for a handful of elements, and
-# each call then waits a whole scheduler slice (~10 ms) whenever the cores are busy with other work.
-# The quantile solver makes hundreds of such calls on small tensors, so it uses equivalents that stay
-# single-threaded: xlogy(1, x) = log x, exp2(x / ln 2) = exp x (relative error ~1e-16 |x|), 1/rsqrt.
-
-
-def _log(x: Tensor) -> Tensor:
-    return torch.special.xlogy(1.0, x)
-
-
-def _exp(x: Tensor) -> Tensor:
-    return torch.exp2(x * _LOG2_E)
+_FAR_TAIL_X = 1e-16
+"""Where ``x = df/(df + t^2)`` is below this, the quantile comes from the t tail's leading term (exact there
+to float precision), not from scipy, whose inverse (``stdtrit``) fails out there: it stops near 1e152 for
+df far below 1 (a finite value where the quantile is far larger or beyond the float range), gives a
+wrong-signed ``+inf`` for some probabilities near 1e-300 (scipy issue 25968), and before scipy 1.17 can
+stop the process for df near 1e-300."""
+_CENTRE = 0.01
+"""Within this of ``prob = 0.5`` the quantile comes from scipy's inverse incomplete beta function: scipy's t
+inverse is good only to about 1e-8 absolute there, so a quantile near 0 can be off by far more than itself."""
 
 
 def _sqrt(x: Tensor) -> Tensor:
+    # torch.sqrt on CPU goes through MKL's vector math library, which (once torch.set_num_threads(n > 1)
+    # has been called) threads even a handful of elements and then waits a whole scheduler slice
+    # (~10 ms) whenever the cores are busy; 1/rsqrt stays single-threaded.
     return torch.rsqrt(x).reciprocal()
 
 
@@ -88,152 +75,55 @@ def _sqrt(x: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def _log_beta(a: Tensor, b: Tensor) -> Tensor:
-    return torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
+def _far_tail_quantile(q: float, df: np.ndarray) -> np.ndarray:
+    """The ``t`` with ``P(T > t) = q`` from the tail's leading term, where that is exact in float precision; else NaN.
 
-
-def _beta_continued_fraction(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
-    """``K = 1/(1 + d1/(1 + d2/(1 + ...)))`` of the incomplete beta function, by the modified Lentz method.
-
-    ``I_x(a, b) = x^a (1-x)^b / (a B(a, b)) * K`` with ``d_{2m+1} = -(a+m)(a+b+m)x / ((a+2m)(a+2m+1))``
-    and ``d_{2m} = m(b-m)x / ((a+2m-1)(a+2m))``; it converges quickly for ``x < (a+1)/(a+b+2)``
-    (the caller swaps to ``I_{1-x}(b, a)`` otherwise). Lentz evaluates ``g = 1 + d1/(1 + d2/...)`` front
-    to back as ``g = prod C_k D_k`` with ``D_k = 1/(1 + d_k D_{k-1})`` and ``C_k = 1 + d_k / C_{k-1}``.
+    With ``a = df/2`` and ``x = df/(df + t^2)``, ``P(T > t) = I_x(a, 1/2)/2 = x^a (1 + O(x)) / (2 a B(a, 1/2))``,
+    so ``log x = (log 2q + log(a B(a, 1/2))) / a`` and ``t = sqrt(df (1 - x) / x)``, taken in logs (``inf``
+    beyond the float range). NaN where ``x >= _FAR_TAIL_X``.
     """
-    ab = a + b
-    g = torch.ones_like(x)
-    c = torch.ones_like(x)
-    d = torch.zeros_like(x)
+    from scipy import special
 
-    def step(coef: Tensor) -> Tensor:
-        nonlocal c, d
-        d = 1.0 + coef * d
-        d = torch.where(d == 0, _TINY, d).reciprocal()
-        c = 1.0 + coef / c
-        c = torch.where(c == 0, _TINY, c)
-        return c * d
-
-    for m in range(1, _CF_MAX_ITER + 1):
-        odd = -(a + (m - 1)) * (ab + (m - 1)) * x / ((a + (2 * m - 2)) * (a + (2 * m - 1)))
-        even = m * (b - m) * x / ((a + (2 * m - 1)) * (a + 2 * m))
-        delta = step(odd) * step(even)
-        g = g * delta
-        if bool(((delta - 1.0).abs() < _CF_EPS).all()):
-            return g.reciprocal()
-    raise RuntimeError("incomplete beta continued fraction did not converge")  # pragma: no cover
-
-
-def _t_tails(t: Tensor, df: Tensor) -> tuple[Tensor, Tensor]:
-    """For ``t >= 0``: ``(P(T > t), P(0 < T <= t))``, each accurate in relative terms when it is small.
-
-    With ``x = df/(df+t^2)`` and ``y = t^2/(df+t^2)``: ``P(T > t) = I_x(df/2, 1/2) / 2`` and
-    ``P(0 < T <= t) = I_y(1/2, df/2) / 2``; whichever argument lies in the continued fraction's
-    fast region is evaluated directly and the other tail is ``1/2`` minus it.
-    """
     a = df / 2
-    b = torch.full_like(df, 0.5)
-    u = t / _sqrt(df)  # log x = -log(1 + u^2), log y = log(u^2) - log(1 + u^2), kept finite for huge u
-    big = u > 1
-    log_x = torch.where(big, -(2 * _log(u) + torch.log1p(u.pow(-2))), -torch.log1p(u * u))
-    log_y = torch.where(big, -torch.log1p(u.pow(-2)), 2 * _log(u) - torch.log1p(u * u))
-    x = _exp(log_x)
-    y = _exp(log_y)
-    log_front = a * log_x + b * log_y - _log_beta(a, b)
-    upper_direct = x < (a + 1) / (a + b + 2)
-    # one continued fraction for both cases: I_x(a, b) directly, or I_y(b, a) = 1 - I_x(a, b)
-    first = torch.where(upper_direct, a, b)
-    cf = _beta_continued_fraction(first, torch.where(upper_direct, b, a), torch.where(upper_direct, x, y)) / first
-    half_ibeta = 0.5 * _exp(log_front) * cf
-    upper = torch.where(upper_direct, half_ibeta, 0.5 - half_ibeta)
-    central = torch.where(upper_direct, 0.5 - half_ibeta, half_ibeta)
-    return upper, central
+    with np.errstate(all="ignore"):
+        log_a_beta = special.gammaln(a + 1) + special.gammaln(0.5) - special.gammaln(a + 0.5)  # log(a B(a, 1/2))
+        log_x = (math.log(2 * q) + log_a_beta) / a
+        log_t = 0.5 * (np.log(df) - log_x + np.log(-np.expm1(log_x)))
+        t = np.exp(log_t)
+    return np.where(log_x < math.log(_FAR_TAIL_X), t, np.nan).reshape(df.shape)
 
 
-def _t_log_pdf(t: Tensor, df: Tensor) -> Tensor:
-    return (
-        torch.lgamma((df + 1) / 2) - torch.lgamma(df / 2) - 0.5 * _log(df * math.pi)
-        - (df + 1) / 2 * torch.log1p(t * t / df)
-    )
+def _central_quantile(q: float, df: np.ndarray) -> np.ndarray:
+    """The ``t`` with ``P(T > t) = q`` near the median (``q`` close to 1/2), to about 1e-12 relative.
 
-
-def _cornish_fisher(z: Tensor, df: Tensor) -> Tensor:
-    """Abramowitz & Stegun 26.7.5: the t quantile as a series in ``1/df`` around the normal quantile ``z``."""
-    z2 = z * z
-    g1 = z * (z2 + 1) / 4
-    g2 = z * ((5 * z2 + 16) * z2 + 3) / 96
-    g3 = z * (((3 * z2 + 19) * z2 + 17) * z2 - 15) / 384
-    g4 = z * ((((79 * z2 + 776) * z2 + 1482) * z2 - 1920) * z2 - 945) / 92160
-    inv = 1.0 / df
-    return z + inv * (g1 + inv * (g2 + inv * (g3 + inv * g4)))
-
-
-def _midpoint(lo: Tensor, hi: Tensor) -> Tensor:
-    """Bisection point of ``0 <= lo < hi``: geometric for wide positive brackets, arithmetic otherwise."""
-    geometric = _exp(0.5 * (_log(lo) + _log(hi)))
-    return torch.where((lo > 0) & (hi > 4 * lo), geometric, 0.5 * lo + 0.5 * hi)
-
-
-def _solve_upper_tail(q: float, df: Tensor) -> Tensor:
-    """The ``t > 0`` with ``P(T > t) = q`` (``0 < q < 1/2``) for every entry of ``df``, by bracketed Newton.
-
-    Bracket: the normal quantile is a lower bound (t quantiles fall towards it as ``df`` grows) and the
-    Cauchy quantile ``cot(pi q)`` an upper one for ``df >= 1`` (grown by squaring below that). Newton
-    runs on ``log q - log P(T > t)`` in the tail (``q < 1/4``) and on ``P(0 < T <= t) - (1/2 - q)``
-    near the centre, both increasing in ``t``; a step leaving the bracket is replaced by bisection.
+    With ``y = t^2/(df + t^2)``, ``P(0 < T <= t) = I_y(1/2, df/2)/2 = 1/2 - q`` (exact for ``q >= 1/4``), so
+    ``y`` is scipy's ``betaincinv(1/2, df/2, 1 - 2q)`` and ``t = sqrt(df y / x)`` with ``x = 1 - y``, or where
+    ``y > 1/2`` (small ``df``) ``x = betaincinv(df/2, 1/2, 2q)``, accurate when small. From ``df = 1e20`` on
+    (where ``y`` would underflow for the largest ``df``) the normal quantile, equal to it in float precision.
     """
-    central_target = 0.5 - q
-    tail = q < 0.25
-    z = float(-torch.special.ndtri(torch.tensor(q, dtype=torch.float64)))
-    lo = torch.full_like(df, z)
-    hi = torch.full_like(df, max(1.0 / math.tan(math.pi * q), 2.0))
-    beyond = torch.zeros_like(df, dtype=torch.bool)  # quantile past the float range (tiny df only)
-    grow = (df < 1).nonzero().squeeze(1)
-    while grow.numel():
-        upper, _ = _t_tails(hi[grow], df[grow])
-        grow = grow[upper > q]
-        lo[grow] = hi[grow]
-        hi[grow] = hi[grow] * hi[grow]
-        overflow = torch.isinf(hi[grow])
-        beyond[grow[overflow]] = True
-        grow = grow[~overflow]
+    from scipy import special
 
-    t = _cornish_fisher(torch.full_like(df, z), df).clamp(min=0.0)
-    t = torch.where((t > lo) & (t < hi), t, _midpoint(lo, hi))
-    t[beyond] = math.inf
-    active = ~beyond
-    for _ in range(_NEWTON_MAX_ITER):
-        idx = active.nonzero().squeeze(1)
-        if idx.numel() == 0:
-            break
-        ti, dfi, loi, hii = t[idx], df[idx], lo[idx], hi[idx]
-        upper, central = _t_tails(ti, dfi)
-        log_pdf = _t_log_pdf(ti, dfi)
-        if tail:
-            resid = math.log(q) - _log(upper)
-            step = resid / _exp(log_pdf - _log(upper))
-        else:
-            resid = central - central_target
-            step = resid / _exp(log_pdf)
-        loi = torch.where(resid < 0, ti, loi)
-        hii = torch.where(resid > 0, ti, hii)
-        new = ti - step
-        outside = ~((new > loi) & (new < hii)) | ~torch.isfinite(new)
-        new = torch.where(outside, _midpoint(loi, hii), new)
-        converged = ((new - ti).abs() <= _NEWTON_RTOL * new.abs()) | (resid == 0) | (hii - loi <= _NEWTON_RTOL * hii)
-        t[idx], lo[idx], hi[idx] = new, loi, hii
-        active[idx] = ~converged
-    return t
+    with np.errstate(all="ignore"):
+        y = special.betaincinv(0.5, df / 2, 1 - 2 * q)
+        x = np.where(y > 0.5, special.betaincinv(df / 2, 0.5, 2 * q), 1 - y)
+        t = np.sqrt(df * y / x)
+    return np.where(df >= 1e20, -special.ndtri(q), t)
 
 
 def student_t_quantile(prob: float, df: float | Tensor) -> Tensor:
-    """The ``prob`` quantile of Student's t with ``df`` degrees of freedom (float64; same shape as ``df``).
+    """The ``prob`` quantile of Student's t with ``df`` degrees of freedom (float64; same shape and device as ``df``).
 
-    ``0 < prob < 1``; ``df > 0``, a float or a tensor of them (solved in one vectorized pass). Below
-    ``1e4`` degrees of freedom the t CDF (regularized incomplete beta function) is inverted to about
-    1e-12 relative; from ``1e4`` on (``inf`` included, giving the normal quantile) the Cornish-Fisher
-    series is used, accurate there to about 1e-15. A quantile beyond the float range (``df`` far below 1)
-    is ``inf``. Raises ``ValueError`` naming ``prob`` or ``df`` when out of range.
+    ``0 < prob < 1``; ``df > 0``, a float or a tensor of them (``inf`` gives the normal quantile).
+    ``scipy.stats.t`` computes it from the upper tail ``min(prob, 1 - prob)``, so ``prob`` and ``1 - prob``
+    give opposite values; with scipy >= 1.17 to about 1e-13 relative (older scipy: about 1e-8, and not
+    below probabilities of about 1e-150). Within 0.01 of ``prob = 0.5``, where scipy's t inverse is good
+    only to about 1e-8 absolute, scipy's inverse incomplete beta function gives it. Far in the tail
+    (``df/(df + t^2) < 1e-16``), where scipy's t inverse can fail, the tail's leading term gives it, and
+    a quantile beyond the float range (``df`` far below 1) is ``inf``. Raises ``ValueError`` naming
+    ``prob`` or ``df`` when out of range.
     """
+    from scipy import stats  # imported on first use: about 1 s, and only the bound needs it
+
     prob = float(prob)
     if not 0.0 < prob < 1.0:
         raise ValueError(f"prob must lie in the open interval (0, 1), got {prob}")
@@ -243,16 +133,12 @@ def student_t_quantile(prob: float, df: float | Tensor) -> Tensor:
     if prob == 0.5:
         return torch.zeros_like(df_t)
     q = min(prob, 1.0 - prob)
+    nu = df_t.detach().cpu().numpy()
+    upper = _far_tail_quantile(q, nu)
+    rest = np.isnan(upper)
+    upper[rest] = _central_quantile(q, nu[rest]) if 0.5 - q < _CENTRE else stats.t.isf(q, nu[rest])
     sign = 1.0 if prob > 0.5 else -1.0
-    flat = df_t.reshape(-1)
-    out = torch.empty_like(flat)
-    z = float(-torch.special.ndtri(torch.tensor(q, dtype=torch.float64)))
-    large = flat >= _DF_EXPANSION
-    out[large] = _cornish_fisher(torch.full_like(flat[large], z), flat[large])
-    exact = ~large
-    if bool(exact.any()):
-        out[exact] = _solve_upper_tail(q, flat[exact])
-    return (sign * out).reshape(df_t.shape)
+    return torch.from_numpy(np.asarray(sign * upper, dtype=np.float64)).reshape(df_t.shape).to(df_t.device)
 
 
 # ----------------------------------------------------------------------------------------------

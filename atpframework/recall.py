@@ -218,6 +218,8 @@ def format_table(curves: Sequence[RecallCurve], ks: Sequence[int]) -> str:
     """A Markdown table, one row per curve: method | own cost (F) | cost at each ``k`` in ``ks`` | RelCost.
 
     Costs are in forward passes; a ``k`` beyond a curve's ``k_max`` shows ``–``. RelCost has 3 decimals.
+    Written by hand, not with rich: this is GitHub Markdown (``compare.md``) with unpadded cells, which
+    rich's Markdown box would pad to the column widths.
     """
     curves = _check_curves(curves)
     ks = list(ks)

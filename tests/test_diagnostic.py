@@ -84,6 +84,45 @@ def test_t_quantile_matches_closed_forms_in_the_tails():
         assert abs(float(got[0, 0])) > abs(float(got[0, 1])) > abs(float(got[1, 1])) > abs(float(got[1, 0]))
 
 
+def test_t_quantile_far_in_the_tail_matches_mpmath():
+    """Where scipy's inverse fails (a finite cap near 1e152 for df far below 1, a wrong-signed +inf near
+    prob = 1e-300), the tail's leading term takes over; reference values from mpmath (40 digits)."""
+    cases = [
+        (0.99, 0.01, 3.960440137152098e168),  # scipy: 6.7e152
+        (0.001, 0.01, -3.960440137152422e268),
+        (1e-100, 0.5, -1.02849115631634e199),
+        (1e-300, 3.5, -6.106857031571263e85),  # scipy: +inf
+        (1e-300, 6.0, -1.7976796252524602e50),
+        (1e-300, 30.0, -50178575360.50508),
+        (1e-300, 1.0, -3.1830988618379066e299),
+        (1 - 1e-12, 0.2, 7.509116470700989e57),
+    ]
+    for prob, df, ref in cases:
+        assert float(student_t_quantile(prob, df)) == pytest.approx(ref, rel=1e-12), (prob, df)
+    # beyond the float range: inf, with the sign of the tail (scipy: 6703.9 for df=1e-300)
+    got = student_t_quantile(0.9, torch.tensor([1e-300, 1e-20, 1e-5], dtype=F64))
+    assert got.tolist() == [math.inf] * 3
+    assert float(student_t_quantile(0.4, 1e-300)) == -math.inf
+    # one call mixes the tail term and scipy
+    mixed = student_t_quantile(1e-300, torch.tensor([3.5, math.inf], dtype=F64))
+    assert float(mixed[0]) == pytest.approx(-6.106857031571263e85, rel=1e-12)
+    assert float(mixed[1]) == pytest.approx(-37.0470962993612, rel=1e-12)
+
+
+def test_t_quantile_near_the_median_keeps_its_relative_accuracy():
+    """Within 0.01 of prob = 0.5 the quantile is near 0; scipy's t inverse is good only to ~1e-8 absolute
+    there, so the inverse incomplete beta function gives it. Against the closed form for df = 2 and the
+    density at 0 for df = 4 (3/8, so t = 8 (p - 1/2) / 3 to first order)."""
+    for d in (1e-12, 1e-9, 1e-6, 1e-3, 9e-3):
+        p = 0.5 + d
+        two = (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+        got = student_t_quantile(p, torch.tensor([2.0, 4.0], dtype=F64))
+        assert float(got[0]) == pytest.approx(two, rel=1e-12)
+        assert float(student_t_quantile(1 - p, 2.0)) == -float(got[0])
+        # df = 4 near 0: t = 8 d / 3 (1 + O(d^2)) from the density 3/8 at 0
+        assert float(got[1]) == pytest.approx(8 * d / 3, rel=max(1e-12, 10 * d * d))
+
+
 # ------------------------------------------------------------------------------------------------
 # Subset statistics
 # ------------------------------------------------------------------------------------------------
