@@ -171,7 +171,7 @@ class FirstOrder(AbstractMethod[ConfigT]):
         )
         return int(pairs * per_pair)
 
-    def granularity(self, compiled: CompiledPlan) -> str:
+    def granularity(self, compiled: CompiledPlan) -> Literal["block", "sublayer"]:
         """Which residual writes GradDrop drops (``block`` for the methods without GradDrop options)."""
         config = self.options(compiled)
         return config.granularity if isinstance(config, GradDropConfig) else "block"
@@ -519,9 +519,11 @@ class _AttentionCache:
                 tables.query_dz = query_delta_z(clean, take_positions(logits, positions, dim=2), positions)
             noise_k = _upcast(self.noise[Site("attn_k", layer)]) if modes & {"key", "joint"} else None
             if "joint" in modes:  # noise keys kept at every position
+                assert noise_k is not None
                 tables.joint_dz = joint_key_delta_z(clean, backend.attention_logits(layer, q, noise_k))
                 noise_k = take_positions(noise_k, positions)
             if "key" in modes:  # columns of the chunk's positions
+                assert noise_k is not None
                 logits = backend.attention_logits(layer, q, _with_positions(k, noise_k, positions))
                 tables.key_patch = key_patch(clean, logits, positions)
         self.layers[layer] = tables

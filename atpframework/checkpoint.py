@@ -58,7 +58,7 @@ def weights_digest(named: Iterable[tuple[str, Tensor]]) -> str | None:
             return None
         flat = tensor.detach().reshape(-1).contiguous()
         digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
-        digest.update(memoryview(flat.cpu().view(torch.uint8).numpy()))
+        digest.update(flat.cpu().view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 

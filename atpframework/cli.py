@@ -394,7 +394,7 @@ def _format_top(result: Any, top: int, aggregate: str) -> str:
         f"top {top} nodes by {_score_name(result, aggregate)}:",
     ]
     table = _table("rank", "<node", "score", "signed mean")
-    for rank, row in enumerate(result.top_k(top, how=aggregate), start=1):  # type: ignore[arg-type]
+    for rank, row in enumerate(result.top_k(top, how=aggregate), start=1):
         table.add_row(str(rank), row.label(), f"{row.score:.5f}", f"{row.signed_mean:.5f}")
     return "\n".join(lines) + "\n" + _render(table)
 

@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 from collections.abc import Callable
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Final, Literal, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -22,7 +22,7 @@ from .chunking import parse_bytes
 from .errors import MAX_PROBLEMS, PlanError, PluginError, problem_list, shorten
 from .node import NodeSpec
 
-PLAN_SCHEMA = "atpf.plan/1"
+PLAN_SCHEMA: Final = "atpf.plan/1"
 """Schema id of the plan format this version reads and writes."""
 MAX_PLAN_BYTES = 64 * 2**20
 """Largest plan file ``load_plan`` reads (64 MiB; long token-id prompts take a few MiB)."""
@@ -183,9 +183,9 @@ class AttributionPlan(_Strict):
                 )
             seen[spec.result_name] = i
         names = [s.name for s in self.saes]
-        for i, spec in enumerate(self.saes):
-            if names.index(spec.name) != i:
-                raise ValueError(f"saes[{i}].name: {shorten(spec.name)} is used twice")
+        for i, sae_spec in enumerate(self.saes):
+            if names.index(sae_spec.name) != i:
+                raise ValueError(f"saes[{i}].name: {shorten(sae_spec.name)} is used twice")
         for i, spec in enumerate(self.nodes):
             sae = getattr(spec, "sae", None)
             if sae is not None and sae not in names:
@@ -356,7 +356,7 @@ def _parse_json(text: str, label: str) -> Any:
         ) from None
 
 
-class _DuplicateKeys(dict):  # type: ignore[type-arg]
+class _DuplicateKeys(dict):
     """A JSON object that gave some key more than once (JSON parsers keep the last value; plans refuse it)."""
 
     duplicates: list[str]

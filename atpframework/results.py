@@ -591,7 +591,7 @@ def now_utc() -> str:
 
 
 def _label(index: list[int] | str, position: int) -> int | str:
-    return "all" if index == "all" else index[position]  # type: ignore[index]
+    return "all" if index == "all" else index[position]
 
 
 def _pad(rows: list[list[int]]) -> Tensor:

@@ -127,7 +127,7 @@ def weights_only_loading() -> Iterator[None]:
         kwargs["weights_only"] = True
         return original(*args, **kwargs)
 
-    torch.load = load  # type: ignore[assignment]
+    torch.load = load
     try:
         yield
     finally:
@@ -214,7 +214,7 @@ class SplicedBackend(AbstractBackend):
         self.attached = dict(attached)
         self.info = inner.info
         self.name = inner.name  # type: ignore[misc]
-        self.supported_sites = inner.supported_sites  # type: ignore[misc]
+        self.supported_sites = inner.supported_sites
 
     @classmethod
     def load(cls, source: str, *, dtype: str, device: str, options: Mapping[str, Any]) -> "SplicedBackend":

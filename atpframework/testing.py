@@ -47,19 +47,19 @@ PROMPTS = [
     {"clean": [1, 2, 3, 4, 5, 6], "noise": [1, 9, 3, 4, 11, 6], "answer": 3, "wrong_answer": 4},
     {"clean": [7, 8, 2, 4, 5, 1], "noise": [7, 8, 12, 4, 5, 13], "answer": 6, "wrong_answer": 2},
 ]
-LINEAR_NODES = [
+LINEAR_NODES: list[dict[str, Any]] = [
     {"kind": "resid", "layers": [1]},
     {"kind": "attn_head"},
     {"kind": "attn_head", "name": "heads_all_pos", "positions": "all"},
     {"kind": "attn_v"},
 ]
 """Node selections the logit difference is linear in, on a one-layer attention-only model without normalization."""
-DEFAULT_NODES = [
+DEFAULT_NODES: list[dict[str, Any]] = [
     {"kind": "attn_head"}, {"kind": "attn_q", "positions": [-1]}, {"kind": "attn_k", "positions": [1, 2]},
     {"kind": "attn_v", "positions": [1, 2]}, {"kind": "mlp_neuron", "positions": [-1]}, {"kind": "resid"},
 ]
 """Every built-in node type, a few positions each (the kit's default selections for ``check_method``)."""
-TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
+ATOL = RTOL = 1e-5
 
 
 class _Interrupt(RuntimeError):
@@ -70,8 +70,8 @@ def tiny_model(**overrides: Any) -> nn.Module:
     """A seeded random TransformerLens ``HookedTransformer`` (2 layers, 4 heads, vocabulary 61 by default)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    config = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=48, d_vocab=61, n_ctx=16, act_fn="gelu",
-                  normalization_type="LN", seed=0, device="cpu")
+    config: dict[str, Any] = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=48, d_vocab=61, n_ctx=16,
+                                  act_fn="gelu", normalization_type="LN", seed=0, device="cpu")
     config.update(overrides)
     return HookedTransformer(HookedTransformerConfig(**config)).eval()
 
@@ -268,7 +268,7 @@ def _assert_same(result: Any, reference: Any, what: str) -> float:
         if exact.abs().max() <= 1e-4:
             raise AssertionError(f"{what}: the reference scores of {name!r} are all near zero; the check would prove nothing")
         try:
-            torch.testing.assert_close(ours, exact, **TOLERANCE)
+            torch.testing.assert_close(ours, exact, atol=ATOL, rtol=RTOL)
         except AssertionError as err:
             raise AssertionError(f"{what}: {name!r} differs from exact activation patching\n{err}") from None
         worst = max(worst, float((ours - exact).abs().max()))

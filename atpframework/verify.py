@@ -202,7 +202,8 @@ def _verify_with(
 
     new_nodes: list[Tensor] = []
     new_effects: list[Tensor] = []
-    stable_since, top_set, stopped = 0, frozenset(), "every node verified"
+    top_set: frozenset[int] = frozenset()
+    stable_since, stopped = 0, "every node verified"
     all_nodes, all_effects = done_nodes, done_effects
     at = 0
     while at < target:

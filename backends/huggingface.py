@@ -113,7 +113,7 @@ class ArchitectureAdapter:
         return int(self.config.intermediate_size)
 
     def d_head(self) -> int:
-        return int(self.attention(0).head_dim)
+        return int(getattr(self.attention(0), "head_dim"))
 
     def n_kv_heads(self) -> int:
         return int(getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads)
@@ -123,7 +123,7 @@ class ArchitectureAdapter:
         return False
 
     def attention_scaling(self, layer: int) -> float:
-        return float(self.attention(layer).scaling)
+        return float(getattr(self.attention(layer), "scaling"))
 
     def softcap(self, layer: int) -> float | None:
         """Attention-logit soft-capping ``c·tanh(logit/c)``, or None."""
@@ -198,7 +198,7 @@ class LlamaAdapter(ArchitectureAdapter):
         return self.layers()[layer].mlp
 
     def sliding_window(self, layer: int) -> int | None:
-        attention = self.attention(layer)
+        attention: Any = self.attention(layer)
         if hasattr(attention, "sliding_window"):  # Qwen2, Gemma-2: per layer
             return attention.sliding_window
         return getattr(self.config, "sliding_window", None)  # Mistral: every layer; Llama: none
@@ -229,7 +229,7 @@ class GPTNeoXAdapter(ArchitectureAdapter):
         return self.layers()[layer].mlp
 
     def d_head(self) -> int:
-        return int(self.attention(0).head_size)
+        return int(getattr(self.attention(0), "head_size"))
 
     def parallel_blocks(self) -> bool:
         return bool(self.config.use_parallel_residual)
@@ -423,7 +423,7 @@ class HuggingFaceBackend(AbstractBackend):
             tokenizer = None
         try:
             dispatch = placement if isinstance(placement, dict) else {}
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation=implementation, **dispatch)
+            model: Any = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation=implementation, **dispatch)
         except Exception as err:
             if is_local:
                 raise BackendError(f"model.source: cannot load a Hugging Face model from {str(location)!r}: {err}") from err
@@ -629,7 +629,7 @@ def _context_length(config: Any) -> int | None:
     return None
 
 
-def _input_device(model: nn.Module) -> torch.device:
+def _input_device(model: Any) -> torch.device:
     """Where input ids go: the input embedding's execution device (accelerate dispatch) or its weight's device."""
     embedding = model.get_input_embeddings()
     dispatch = getattr(embedding, "_hf_hook", None)

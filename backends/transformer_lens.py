@@ -109,6 +109,7 @@ class TransformerLensBackend(AbstractBackend):
 
     @classmethod
     def _from_hub(cls, name: str, dtype: torch.dtype, device: str, model_class: str) -> "TransformerLensBackend":
+        model: Any
         try:
             if model_class == "bridge":
                 from transformer_lens.model_bridge import TransformerBridge
@@ -187,6 +188,7 @@ class TransformerLensBackend(AbstractBackend):
             return super().forward_from(layer, resid, tokens, hooks)
         hooks = start_hooks(layer, resid, hooks)
         start = hooks.pop(Site("resid", layer))[0](resid)  # the boundary after its hooks ran
+        assert start is not None, "start_hooks' boundary hook returns the residual stream"
         return self._run(hooks, start.to(self.device), start_at_layer=layer)  # HookedTransformer skips blocks < layer
 
     def _run(self, hooks: Mapping[Site, Sequence[SiteHook]], model_input: Tensor, **kwargs: Any) -> Tensor:
@@ -274,7 +276,7 @@ class TransformerLensBackend(AbstractBackend):
 
     def _bridge_attention_logits(self, layer: int, q: Tensor, k: Tensor) -> Tensor:
         """Logits as the bridge's own attention reconstruction computes them (GPT-2, Llama)."""
-        hf_attention = self.model.blocks[layer].attn.original_component
+        hf_attention: Any = self.model.blocks[layer].attn.original_component
         group = q.shape[2] // k.shape[2]
         keys = torch.repeat_interleave(k, group, dim=2)
         logits = einsum(q, keys, "batch query head d_head, batch key head d_head -> batch head query key")
