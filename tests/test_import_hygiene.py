@@ -163,3 +163,27 @@ def test_the_package_import_graph_has_no_cycle():
 
     cycles = [c for c in map(cycle_from, sorted(graph)) if c]
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+LAYERS = [
+    ["errors", "version", "dims", "sites", "files", "plugins"],
+    ["backend", "node", "metrics", "chunking", "plan", "results", "bundled"],
+    ["attention", "graddrop", "diagnostic"],
+    ["compiled"],
+    ["methods", "atp", "patching", "baselines"],
+    ["checks", "outputs", "checkpoint", "sae"],
+    ["engine", "distributed"],
+    ["api", "verify", "recall", "compare", "plots", "cli", "testing", "__init__", "__main__"],
+]
+"""The layers of docs/architecture.md, top first: a core module imports only from its own layer or above."""
+
+
+def test_core_modules_import_only_from_their_layer_or_above():
+    from pathlib import Path
+
+    folder = Path(importlib.import_module("atpframework").__path__[0])
+    files = {"atpframework" if p.stem == "__init__" else f"atpframework.{p.stem}": p for p in folder.glob("*.py")}
+    rank = {("atpframework" if m == "__init__" else f"atpframework.{m}"): i for i, layer in enumerate(LAYERS) for m in layer}
+    assert set(files) == set(rank), f"modules missing from LAYERS (and docs/architecture.md): {sorted(set(files) ^ set(rank))}"
+    upward = [f"{m} -> {d}" for m, p in files.items() for d in _runtime_imports(p, m, files) if rank[d] > rank[m]]
+    assert not upward, "imports from a lower layer:\n" + "\n".join(upward)
