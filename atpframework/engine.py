@@ -18,7 +18,7 @@ from .backend import AbstractBackend
 from .checks import check_metric, locate_nonfinite, nonfinite
 from .chunking import Chunking, choose_chunking, node_positions, parse_bytes
 from .compiled import Batch, BatchOutput, BatchRun, BatchScores, CompiledPlan, PassStep, PreparedPair
-from .errors import NonFiniteError, PlanError, problem_list, shorten
+from .errors import BackendError, NonFiniteError, PlanError, problem_list, shorten
 from .methods import get_method
 from .metrics import NEEDS_ANSWER, Metric
 from .node import BoundNodes, bind_nodes
@@ -218,7 +218,10 @@ def run_batches(
         idx = list(run.batch.pair_indices)
         if finished and number in finished:
             if finished[number].pair_indices != idx:
-                raise RuntimeError(f"checkpointed batch {number} holds pairs {finished[number].pair_indices}, not {idx}")
+                raise PlanError(
+                    f"output: checkpointed batch {number} holds prompt pairs {shorten(finished[number].pair_indices)}, not {shorten(idx)}; "
+                    "delete the checkpoint folder beside the output to start over"
+                )
             outputs.append(finished[number])
             if progress is not None:
                 progress(len(idx))
@@ -290,7 +293,7 @@ def assemble(compiled: CompiledPlan, outputs: Sequence[BatchOutput]) -> Executed
     n = len(compiled.pairs)
     covered = sorted(i for out in outputs for i in out.pair_indices)
     if covered != list(range(n)):
-        raise RuntimeError(f"batch outputs cover pairs {covered}, not each of the plan's {n} pairs once")
+        raise BackendError(f"the batch outputs cover prompt pairs {shorten(covered)}, not each of the plan's {n} pairs once")
     scores = {
         b.name: torch.zeros((n,) + b.shape, dtype=torch.float32)
         for b in compiled.bound

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .errors import PlanError
 from .plan import MetricSpec
 
 
@@ -35,13 +36,15 @@ Metric = Callable[[Tensor, MetricInputs], Tensor]
 def logit_diff(logits: Tensor, inputs: MetricInputs) -> Tensor:
     """logit(answer) - logit(wrong_answer) at ``position``."""
     final = logits[:, inputs.position, :]
-    assert inputs.answer is not None and inputs.wrong_answer is not None
+    if inputs.answer is None or inputs.wrong_answer is None:
+        raise PlanError("metric: logit_diff needs an answer and a wrong_answer token for every prompt pair")
     return final.gather(1, inputs.answer[:, None])[:, 0] - final.gather(1, inputs.wrong_answer[:, None])[:, 0]
 
 
 def logprob(logits: Tensor, inputs: MetricInputs) -> Tensor:
     """log p(answer) at ``position``."""
-    assert inputs.answer is not None
+    if inputs.answer is None:
+        raise PlanError("metric: logprob needs an answer token for every prompt pair")
     logp = torch.log_softmax(logits[:, inputs.position, :].float(), dim=-1)
     return logp.gather(1, inputs.answer[:, None])[:, 0]
 
@@ -71,8 +74,6 @@ NEEDS_ANSWER = {"logit_diff": ("answer", "wrong_answer"), "logprob": ("answer",)
 
 def resolve_metric(spec: MetricSpec, custom: Metric | None) -> Metric:
     """The callable for a plan's metric."""
-    from .errors import PlanError
-
     if spec.name == "custom":
         if custom is None:
             raise PlanError("metric.name: 'custom' needs a metric callable passed through the Python API (run(plan, metric=...))")

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .backend import ModelInfo
 from .dims import DimName
-from .errors import PlanError
+from .errors import PlanError, shorten
 from .sites import Site
 
 Selection = Union[Literal["each", "all"], Annotated[list[int], Field(min_length=1)]]
@@ -226,7 +226,8 @@ def resolve_axis(selection: object, dim: str, size: int, where: str, allow_negat
         return AxisSelection(dim, size, tuple((i,) for i in range(size)), list(range(size)))
     if selection == "all":
         return AxisSelection(dim, size, (tuple(range(size)),), "all")
-    assert isinstance(selection, list)
+    if not isinstance(selection, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in selection):
+        raise PlanError(f"{where}: allowed: 'each', 'all' or a list of {dim} indices (got {shorten(selection)})")
     lo = -size if allow_negative else 0
     bad = [i for i in selection if not lo <= i < size]
     if bad:

@@ -298,3 +298,20 @@ def test_unexpected_failures_are_one_line_without_exception_types():
     assert code == 1 and message == "cannot access '/x/y': No such file or directory"
     assert _classify(PlanError("nodes[0].kind: bad"))[0] == 2
     assert _classify(NonFiniteError("a score is NaN"))[0] == 1
+
+
+def test_built_in_metrics_without_their_answers_are_plan_errors_not_asserts():
+    from atpframework.metrics import MetricInputs, logit_diff, logprob
+
+    inputs = MetricInputs(tokens=torch.zeros(2, 3, dtype=torch.long), answer=None, wrong_answer=None, position=-1)
+    for metric, needs in ((logit_diff, "answer and a wrong_answer"), (logprob, "answer token")):
+        with pytest.raises(PlanError, match=f"metric: {metric.__name__} needs an {needs}"):
+            metric(torch.zeros(2, 3, 5), inputs)
+
+
+def test_a_node_selection_of_the_wrong_type_is_a_plan_error():
+    from atpframework.node import resolve_axis
+
+    for bad in ("some", 3, [1, "x"], [True]):
+        with pytest.raises(PlanError, match=r"nodes\[0\]\.heads: allowed: 'each', 'all' or a list of head indices"):
+            resolve_axis(bad, "head", 4, "nodes[0].heads", allow_negative=False)
