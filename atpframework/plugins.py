@@ -62,7 +62,8 @@ def _entry_points(kind: str) -> dict[str, EntryPoint]:
 def available(kind: str) -> list[str]:
     """Names of every installed or registered plugin of ``kind``, without importing any: sorted for nodes,
     backends and architectures; for methods in the order their distributions declare them."""
-    names = list(_entry_points(kind)) + [n for n in _registered[kind] if n not in _entry_points(kind)]
+    installed = _entry_points(kind)
+    names = list(installed) + [n for n in _registered[kind] if n not in installed]
     return names if kind == "methods" else sorted(names)
 
 

@@ -41,6 +41,7 @@ from .api import as_plan, load_backend, run
 from .api import compile as compile_plan
 from .backend import AbstractBackend
 from .methods import get_method
+from .metrics import MetricInputs, resolve_metric
 from .results import SIGN_CONVENTION, load_result
 
 PROMPTS = [
@@ -279,8 +280,6 @@ def _check_brute_force(backend: AbstractBackend, plan: dict[str, Any]) -> float:
     """Exact patching by the engine equals a loop that patches one node at a time through ``backend.forward``."""
     result = run(plan, backend=backend)
     compiled = compile_plan(plan, backend=backend)
-    from .metrics import resolve_metric
-
     metric = resolve_metric(compiled.plan.metric, None)
     worst = 0.0
     for batch in compiled.batches:
@@ -310,8 +309,6 @@ def _check_brute_force(backend: AbstractBackend, plan: dict[str, Any]) -> float:
 
 
 def _metric_inputs(compiled: Any, pair_index: int) -> Callable[[Tensor], Any]:
-    from .metrics import MetricInputs
-
     pair = compiled.pairs[pair_index]
 
     def inputs(tokens: Tensor) -> MetricInputs:
