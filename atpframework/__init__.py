@@ -4,33 +4,32 @@ Importing this package loads no model library (transformer_lens, transformers, s
 node types and methods are plugins, imported only when a plan names them.
 """
 
-from .api import as_plan as as_plan
-from .api import compile as compile
-from .api import load_backend as load_backend
-from .api import run as run
-from .backend import AbstractBackend as AbstractBackend
-from .backend import ModelInfo as ModelInfo
-from .compiled import CompiledPlan as CompiledPlan
-from .errors import AtpfError as AtpfError
-from .errors import BackendError as BackendError
-from .errors import PlanError as PlanError
-from .errors import PluginError as PluginError
-from .errors import SchemaError as SchemaError
-from .methods import AbstractMethod as AbstractMethod
-from .metrics import MetricInputs as MetricInputs
-from .node import AbstractNode as AbstractNode
-from .node import NodeSpec as NodeSpec
-from .node import Selection as Selection
-from .plan import AttributionPlan as AttributionPlan
-from .plan import MethodConfig as MethodConfig
-from .plan import load_plan as load_plan
-from .plan import parse_plan as parse_plan
-from .plan import plan_json_schema as plan_json_schema
-from .results import AttributionResult as AttributionResult
-from .results import load_result as load_result
-from .sites import Site as Site
-from .version import __version__ as __version__
-
+from atpframework.api import as_plan as as_plan
+from atpframework.api import compile as compile
+from atpframework.api import load_backend as load_backend
+from atpframework.api import run as run
+from atpframework.errors import AtpfError as AtpfError
+from atpframework.errors import BackendError as BackendError
+from atpframework.errors import PlanError as PlanError
+from atpframework.errors import PluginError as PluginError
+from atpframework.errors import SchemaError as SchemaError
+from atpframework.io.results import AttributionResult as AttributionResult
+from atpframework.io.results import load_result as load_result
+from atpframework.methods.base import AbstractMethod as AbstractMethod
+from atpframework.model.backend import AbstractBackend as AbstractBackend
+from atpframework.model.backend import ModelInfo as ModelInfo
+from atpframework.model.node import AbstractNode as AbstractNode
+from atpframework.model.node import NodeSpec as NodeSpec
+from atpframework.model.node import Selection as Selection
+from atpframework.model.sites import Site as Site
+from atpframework.plans.compiled import CompiledPlan as CompiledPlan
+from atpframework.plans.metrics import MetricInputs as MetricInputs
+from atpframework.plans.plan import AttributionPlan as AttributionPlan
+from atpframework.plans.plan import MethodConfig as MethodConfig
+from atpframework.plans.plan import load_plan as load_plan
+from atpframework.plans.plan import parse_plan as parse_plan
+from atpframework.plans.plan import plan_json_schema as plan_json_schema
+from atpframework.version import __version__ as __version__
 
 __all__ = [
     "AbstractBackend", "AbstractMethod", "AbstractNode", "AtpfError", "AttributionPlan", "AttributionResult", "BackendError",

@@ -1,5 +1,5 @@
 """``python -m atpframework PLAN.json``: the same as the ``atpf`` command."""
 
-from .cli import main
+from atpframework.cli import main
 
 main()

@@ -5,20 +5,20 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from . import distributed as parallel
-from . import plugins
-from .backend import AbstractBackend
-from .checkpoint import Checkpoint, is_complete, run_fingerprint
-from .compiled import CompiledPlan
-from .engine import assemble, compile_plan, report_problems, run_batches
-from .errors import PlanError, PluginError, shorten
-from .metrics import Metric, resolve_metric
-from .node import BoundNodes
-from .outputs import check_writable, resolve_output
-from .plan import AttributionPlan, load_plan, parse_plan
-from .results import AttributionResult, NodeScores, now_utc, package_versions
-from .sae import SplicedBackend, load_saes
-from .version import __version__
+from atpframework import plugins
+from atpframework.engine import distributed as parallel
+from atpframework.engine.checkpoint import Checkpoint, is_complete, run_fingerprint
+from atpframework.engine.outputs import check_writable, resolve_output
+from atpframework.engine.runner import assemble, compile_plan, report_problems, run_batches
+from atpframework.errors import PlanError, PluginError, shorten
+from atpframework.io.results import AttributionResult, NodeScores, now_utc, package_versions
+from atpframework.model.backend import AbstractBackend
+from atpframework.model.node import BoundNodes
+from atpframework.model.sae import SplicedBackend, load_saes
+from atpframework.plans.compiled import CompiledPlan
+from atpframework.plans.metrics import Metric, resolve_metric
+from atpframework.plans.plan import AttributionPlan, load_plan, parse_plan
+from atpframework.version import __version__
 
 PlanLike = AttributionPlan | dict[str, Any] | str | Path
 """A plan object, its dict form, or the path of a plan JSON file."""
@@ -92,10 +92,10 @@ def run(
         progress: called with the number of pairs finished after each batch.
         saes: SAE objects (e.g. sae_lens ``SAE``) for plan ``saes`` entries without a path or release, by name.
         distributed: shard the batches over the processes of a ``torchrun`` launch (see
-            ``atpframework.distributed``); every rank returns the full result and rank 0 alone saves it.
+            ``atpframework.engine.distributed``); every rank returns the full result and rank 0 alone saves it.
             Default: when launched with more than one process.
         resume: checkpoint finished batches next to the output and pick them up when the same run is
-            started again (``atpframework.checkpoint``). Default: on when the plan alone describes the run
+            started again (``atpframework.engine.checkpoint``). Default: on when the plan alone describes the run
             (an output, and no ``model``, ``backend``, ``metric`` or ``saes`` objects passed in).
     """
     plan_path = plan if isinstance(plan, (str, Path)) else None

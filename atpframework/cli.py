@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .errors import MAX_MESSAGE, AtpfError, PlanError, SchemaError, shorten
-from .outputs import check_writable
-from .results import SIGN_CONVENTION
+from atpframework.engine.outputs import check_writable
+from atpframework.errors import MAX_MESSAGE, AtpfError, PlanError, SchemaError, shorten
+from atpframework.io.results import SIGN_CONVENTION
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -106,8 +106,8 @@ def main() -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def run_command(plan_path: str, output: str | None, overwrite: bool, dry_run: bool, top: int, distributed: bool, debug: bool) -> None:
     """Run the attribution plan PLAN.json and write its result file."""
-    from . import api
-    from . import distributed as parallel
+    from atpframework import api
+    from atpframework.engine import distributed as parallel
 
     def action() -> None:
         plan = api.as_plan(plan_path)
@@ -153,7 +153,7 @@ def run_command(plan_path: str, output: str | None, overwrite: bool, dry_run: bo
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def show_command(result_path: str, top: int, aggregate: str, debug: bool) -> None:
     """Print a table of the top nodes of a result file."""
-    from .results import load_result
+    from atpframework.io.results import load_result
 
     def action() -> None:
         result = load_result(result_path)
@@ -192,8 +192,8 @@ def verify_command(result_path: str, budget: int | None, until_stable: bool, top
                    threshold: float | None, nodes_per_pass: int, output: str | None, overwrite: bool,
                    model_source: str | None, debug: bool) -> None:
     """Exact-patch the nodes of RESULT in decreasing estimated score and store the verified effects in it."""
-    from .results import load_result
-    from .verify import verify
+    from atpframework.analysis.verify import verify
+    from atpframework.io.results import load_result
 
     def action() -> None:
         result = load_result(result_path)
@@ -227,9 +227,9 @@ def verify_command(result_path: str, budget: int | None, until_stable: bool, top
 def diagnose_command(result_path: str, verified_top: int, samples: str, confidence: str, p: float, seed: int,
                      nodes_per_pass: int, plot: str | None, json_path: str | None, model_source: str | None, debug: bool) -> None:
     """Bound the effect of every node of RESULT outside its verified top (subsampling + Welch tests)."""
-    from .files import write_text_atomically
-    from .results import load_result
-    from .verify import diagnose
+    from atpframework.analysis.verify import diagnose
+    from atpframework.io.files import write_text_atomically
+    from atpframework.io.results import load_result
 
     def action() -> None:
         result = load_result(result_path)
@@ -254,7 +254,7 @@ def diagnose_command(result_path: str, verified_top: int, samples: str, confiden
         if json_path:
             write_text_atomically(json_path, json.dumps(diagnosis.as_json(), indent=2))
         if plot:
-            from .plots import plot_diagnostic
+            from atpframework.analysis.plots import plot_diagnostic
 
             plot_diagnostic(diagnosis.verified_effects, diagnosis.bounds, plot,
                             title=f"{result.method}: bound on unverified nodes after verifying the top {verified_top}")
@@ -273,7 +273,7 @@ def diagnose_command(result_path: str, verified_top: int, samples: str, confiden
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def compare_command(plan_path: str, methods: str, ground_truth: str | None, k_max: int | None, out_dir: str, debug: bool) -> None:
     """Cost of verified recall of several methods on PLAN.json (table, JSON and log-log PNG in --out)."""
-    from .compare import compare, write_comparison
+    from atpframework.analysis.compare import compare, write_comparison
 
     def action() -> None:
         text = methods.strip()
@@ -296,7 +296,7 @@ def compare_command(plan_path: str, methods: str, ground_truth: str | None, k_ma
 @main.command("schema")
 def schema_command() -> None:
     """Print the JSON Schema of plans (with every installed node type)."""
-    from .plan import plan_json_schema
+    from atpframework.plans.plan import plan_json_schema
 
     _guard(False, lambda: click.echo(json.dumps(plan_json_schema(), indent=2)))
 
@@ -305,7 +305,7 @@ def _result_backend(result: Any, result_path: str, model_source: str | None) -> 
     """Load the backend that re-runs a result's plan: the model the file names, or ``--model``.
 
     A result file may come from someone else, so what it would load is said before it loads."""
-    from . import api
+    from atpframework import api
 
     plan = result.plan
     if not isinstance(plan.get("model"), dict):
@@ -343,7 +343,7 @@ def _score_name(result: Any, aggregate: str) -> str:
 
 
 def _format_verified(result: Any, top: int) -> str:
-    from .verify import verified_effects
+    from atpframework.analysis.verify import verified_effects
 
     info = result.verification
     nodes, ranks, effects = verified_effects(result)
@@ -366,7 +366,7 @@ def _global_labels(result: Any) -> Callable[[int], str]:
     """Global node index -> a label like ``heads L3 P9 H2``."""
     import torch
 
-    from .results import TopNode
+    from atpframework.io.results import TopNode
 
     spans = []
     at = 0

@@ -23,7 +23,7 @@ from importlib import import_module
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from .errors import PluginError
+from atpframework.errors import PluginError
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,9 @@ class Contract:
 
 
 CONTRACTS: dict[str, Contract] = {
-    "backends": Contract("atpframework.backends", "atpframework.backend:AbstractBackend", "name"),
-    "nodes": Contract("atpframework.nodes", "atpframework.node:AbstractNode", "kind"),
-    "methods": Contract("atpframework.methods", "atpframework.methods:AbstractMethod", "name"),
+    "backends": Contract("atpframework.backends", "atpframework.model.backend:AbstractBackend", "name"),
+    "nodes": Contract("atpframework.nodes", "atpframework.model.node:AbstractNode", "kind"),
+    "methods": Contract("atpframework.methods", "atpframework.methods.base:AbstractMethod", "name"),
     "hf_architectures": Contract("atpframework.hf_architectures", "atpframework.backends.huggingface:ArchitectureAdapter", None),
 }
 GROUPS: dict[str, str] = {kind: contract.group for kind, contract in CONTRACTS.items()}

@@ -37,12 +37,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .api import as_plan, load_backend, run
-from .api import compile as compile_plan
-from .backend import AbstractBackend
-from .methods import get_method
-from .metrics import MetricInputs, resolve_metric
-from .results import SIGN_CONVENTION, load_result
+from atpframework.api import as_plan, load_backend, run
+from atpframework.api import compile as compile_plan
+from atpframework.io.results import SIGN_CONVENTION, load_result
+from atpframework.methods.base import get_method
+from atpframework.model.backend import AbstractBackend
+from atpframework.plans.metrics import MetricInputs, resolve_metric
 
 PROMPTS = [
     {"clean": [1, 2, 3, 4, 5, 6], "noise": [1, 9, 3, 4, 11, 6], "answer": 3, "wrong_answer": 4},

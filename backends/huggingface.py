@@ -42,7 +42,8 @@ from einops import einsum
 from torch import Tensor, nn
 
 from atpframework import plugins
-from atpframework.backend import (
+from atpframework.errors import BackendError, PlanError, PluginError
+from atpframework.model.backend import (
     AbstractBackend,
     ModelInfo,
     SiteHook,
@@ -52,9 +53,8 @@ from atpframework.backend import (
     tokenizer_adds_bos,
     usable_tokenizer,
 )
-from atpframework.bundled import BUNDLED_PREFIX, bundled_model_dir
-from atpframework.errors import BackendError, PlanError, PluginError
-from atpframework.sites import SITE_NAMES, Site
+from atpframework.model.bundled import BUNDLED_PREFIX, bundled_model_dir
+from atpframework.model.sites import SITE_NAMES, Site
 
 _ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 _DEVICE_MAPS = ("none", "auto", "balanced", "balanced_low_0", "sequential")

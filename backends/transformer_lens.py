@@ -20,7 +20,8 @@ import torch
 from einops import einsum, rearrange
 from torch import Tensor
 
-from atpframework.backend import (
+from atpframework.errors import BackendError, PlanError
+from atpframework.model.backend import (
     AbstractBackend,
     ModelInfo,
     SiteHook,
@@ -30,9 +31,8 @@ from atpframework.backend import (
     tokenizer_adds_bos,
     usable_tokenizer,
 )
-from atpframework.bundled import BUNDLED_PREFIX, bundled_model_dir
-from atpframework.errors import BackendError, PlanError
-from atpframework.sites import SITE_NAMES, Site
+from atpframework.model.bundled import BUNDLED_PREFIX, bundled_model_dir
+from atpframework.model.sites import SITE_NAMES, Site
 
 _OPTIONS = {"model_class": ("hooked_transformer", "bridge")}
 """Option -> allowed values, the first the default."""

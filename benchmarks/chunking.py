@@ -20,16 +20,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import atpframework as af  # noqa: E402
-from atpframework.chunking import format_bytes  # noqa: E402
-from atpframework.files import write_text_atomically  # noqa: E402
-from atpframework.methods import get_method  # noqa: E402
 from suite import (  # noqa: E402
-    NODE_KINDS, Bench, Settings, exact_malloc_peaks, load_model, memory_supported, peak_memory, random_pairs,
+    NODE_KINDS,
+    Bench,
+    Settings,
+    exact_malloc_peaks,
+    load_model,
+    memory_supported,
+    peak_memory,
+    random_pairs,
 )
+
+import atpframework as af  # noqa: E402
+from atpframework.io.files import write_text_atomically  # noqa: E402
+from atpframework.methods.base import get_method  # noqa: E402
+from atpframework.plans.chunking import format_bytes  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

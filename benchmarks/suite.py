@@ -56,10 +56,10 @@ from typing import Any
 import torch
 
 import atpframework as af
-from atpframework.engine import BatchRun, batch_runs, compile_plan
-from atpframework.files import write_text_atomically
-from atpframework.methods import get_method
-from atpframework.metrics import resolve_metric
+from atpframework.engine.runner import BatchRun, batch_runs, compile_plan
+from atpframework.io.files import write_text_atomically
+from atpframework.methods.base import get_method
+from atpframework.plans.metrics import resolve_metric
 
 NODE_KINDS = ["attn_head", "attn_q", "attn_k", "attn_v", "mlp_neuron", "resid"]
 MEASUREMENTS = ["overhead", "atp_star", "patching", "memory", "scaling"]

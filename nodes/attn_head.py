@@ -6,7 +6,7 @@ residual stream, and the AtP scores coincide (``dz . g_z = dz W_O . g_result``),
 
 from typing import Literal
 
-from atpframework.node import AbstractNode, NodeSpec, Selection
+from atpframework.model.node import AbstractNode, NodeSpec, Selection
 
 
 class AttnHeadSpec(NodeSpec):

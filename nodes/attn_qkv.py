@@ -8,8 +8,8 @@ since clean and noise share positions).
 
 from typing import Literal
 
-from atpframework.backend import ModelInfo
-from atpframework.node import AbstractNode, NodeSpec, Selection
+from atpframework.model.backend import ModelInfo
+from atpframework.model.node import AbstractNode, NodeSpec, Selection
 
 
 class AttnQuerySpec(NodeSpec):

@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from atpframework.node import AbstractNode, NodeSpec, Selection
+from atpframework.model.node import AbstractNode, NodeSpec, Selection
 
 
 class MlpNeuronSpec(NodeSpec):

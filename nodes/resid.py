@@ -6,8 +6,8 @@ Boundary ``l`` is the input of block ``l``; boundary ``n_layers`` is the output 
 
 from typing import Literal
 
-from atpframework.backend import ModelInfo
-from atpframework.node import AbstractNode, NodeSpec, Selection
+from atpframework.model.backend import ModelInfo
+from atpframework.model.node import AbstractNode, NodeSpec, Selection
 
 
 class ResidSpec(NodeSpec):

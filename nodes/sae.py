@@ -1,6 +1,6 @@
 """``sae_latent`` and ``sae_error``: the latents and the reconstruction error of an SAE the plan splices in.
 
-Both read views of the SAE's site (``atpframework.sae``), at the SAE's layer: the result's ``layer``
+Both read views of the SAE's site (``atpframework.model.sae``), at the SAE's layer: the result's ``layer``
 axis has one entry, that layer. Latents are scalars per position (``pos latent``); the error is the
 vector ``x - decode(encode(x))`` per position. Patching a latent writes its noise-run value and
 decodes, keeping the clean error; patching the error writes the noise-run error.
@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from atpframework.backend import ModelInfo
-from atpframework.node import AbstractNode, AxisSelection, BoundNodes, NodeSpec, Selection, resolve_axis
+from atpframework.model.backend import ModelInfo
+from atpframework.model.node import AbstractNode, AxisSelection, BoundNodes, NodeSpec, Selection, resolve_axis
 
 
 class SaeLatentSpec(NodeSpec):

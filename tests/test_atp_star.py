@@ -11,9 +11,9 @@ import torch
 from conftest import ARCHITECTURES, make_plan, tiny_model
 
 import atpframework as af
-from atpframework.atp import AtpGradDrop, AtpStar
-from atpframework.engine import batch_runs, compile_plan
-from atpframework.metrics import resolve_metric
+from atpframework.engine.runner import batch_runs, compile_plan
+from atpframework.methods.atp import AtpGradDrop, AtpStar
+from atpframework.plans.metrics import resolve_metric
 
 KINDS = ["attn_head", "attn_q", "attn_k", "attn_v", "mlp_neuron", "resid"]
 PROMPTS = [

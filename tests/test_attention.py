@@ -8,9 +8,16 @@ import torch
 from conftest import D_VOCAB, make_plan, tiny_model
 
 import atpframework as af
-from atpframework import attention
-from atpframework.attention import clean_attention, joint_key_delta_z, joint_key_effects, key_effects, key_patch, query_delta_z
-from atpframework.sites import Site
+from atpframework.maths import attention
+from atpframework.maths.attention import (
+    clean_attention,
+    joint_key_delta_z,
+    joint_key_effects,
+    key_effects,
+    key_patch,
+    query_delta_z,
+)
+from atpframework.model.sites import Site
 
 TOKENS = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [9, 8, 7, 6, 5, 4, 3, 2]])
 

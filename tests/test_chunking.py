@@ -6,9 +6,9 @@ import torch
 from conftest import ARCHITECTURES, make_plan, tiny_model
 
 import atpframework as af
-from atpframework.chunking import node_positions, parse_bytes, position_chunks
-from atpframework.engine import compile_plan
-from atpframework.methods import get_method
+from atpframework.engine.runner import compile_plan
+from atpframework.methods.base import get_method
+from atpframework.plans.chunking import node_positions, parse_bytes, position_chunks
 
 SEQ = 10
 NODES = [

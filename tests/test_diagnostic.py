@@ -8,8 +8,8 @@ import statistics
 import pytest
 import torch
 
-from atpframework import diagnostic
-from atpframework.diagnostic import (
+from atpframework.maths import diagnostic
+from atpframework.maths.diagnostic import (
     Bound,
     SubsetStats,
     student_t_quantile,

@@ -11,8 +11,8 @@ import torch
 from conftest import make_plan, save_tiny_gpt2
 
 import atpframework as af
-from atpframework.distributed import Group, device_for_rank, shard
-from atpframework.results import load_result
+from atpframework.engine.distributed import Group, device_for_rank, shard
+from atpframework.io.results import load_result
 
 
 def _pairs(n):

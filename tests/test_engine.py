@@ -6,7 +6,7 @@ import torch
 from conftest import ARCHITECTURES, make_plan, tiny_model
 
 import atpframework as af
-from atpframework.sites import Site
+from atpframework.model.sites import Site
 
 ALL_KINDS = ("attn_head", "attn_q", "attn_k", "attn_v", "mlp_neuron", "resid")
 

@@ -15,7 +15,7 @@ import atpframework as af
 from atpframework.backends.huggingface import _ACTIVE_ATTENTION_HOOKS, HuggingFaceBackend
 from atpframework.backends.transformer_lens import TransformerLensBackend
 from atpframework.errors import BackendError
-from atpframework.sites import Site
+from atpframework.model.sites import Site
 
 TOKENS = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [9, 8, 7, 6, 5, 4, 3, 2]])
 NOISE = torch.tensor([[1, 9, 3, 4, 11, 6, 7, 12], [9, 8, 13, 6, 5, 14, 3, 2]])

@@ -11,7 +11,7 @@ from test_sae import make_sae
 
 import atpframework as af
 from atpframework.backends.huggingface import HuggingFaceBackend
-from atpframework.sites import Site
+from atpframework.model.sites import Site
 
 TOKENS = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 2, 4, 5, 1]])
 NAIVE = {"name": "activation_patching", "nodes_per_pass": 1, "skip_layers": False}

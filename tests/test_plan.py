@@ -239,7 +239,7 @@ def test_example_plans_validate(path):
 
 # ----------------------------------------------------------------------------------------- no raw exceptions (regressions)
 def test_huge_and_boolean_sizes_are_plan_errors_naming_max_memory():
-    from atpframework.chunking import MAX_BYTES, parse_bytes
+    from atpframework.plans.chunking import MAX_BYTES, parse_bytes
 
     for bad in (10**400, "9" * 400, "9" * 400 + "GiB", 2**63, "8388608TiB", True, False):
         with pytest.raises(PlanError, match=r"max_memory: ") as info:
@@ -292,7 +292,7 @@ def test_lone_surrogates_are_refused_where_they_occur(tmp_path):
 
 
 def test_plan_files_over_the_size_limit_are_refused(tmp_path, monkeypatch):
-    import atpframework.plan as plan_module
+    import atpframework.plans.plan as plan_module
 
     path = write_bytes(tmp_path, json.dumps(full_plan()).encode())
     monkeypatch.setattr(plan_module, "MAX_PLAN_BYTES", 100)

@@ -16,7 +16,7 @@ from conftest import make_plan, tiny_model
 
 import atpframework as af
 from atpframework import AbstractNode, NodeSpec, PlanError, PluginError, plugins
-from atpframework.backend import ModelInfo
+from atpframework.model.backend import ModelInfo
 
 PLUGIN_DIST = os.path.join(os.path.dirname(__file__), "plugin_dist")
 BUILTIN_KINDS = ["attn_head", "attn_k", "attn_q", "attn_v", "mlp_neuron", "resid", "sae_error", "sae_latent"]
@@ -263,7 +263,7 @@ def test_both_built_in_backends_pass_the_conformance_kit(backend, hf_dir):
 
 def test_the_conformance_kit_catches_a_method_that_leaks_hooks_or_miscounts_passes():
     """The kit can fail: a method whose forward hooks stay behind, and one that runs a pass it does not declare."""
-    from atpframework.patching import ActivationPatching
+    from atpframework.methods.patching import ActivationPatching
     from atpframework.testing import check_method
 
     class Leaky(ActivationPatching):

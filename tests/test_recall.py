@@ -1,4 +1,4 @@
-"""Cost of verified recall, RelCost, the table/JSON outputs and the PNG plots (atpframework.recall, .plots)."""
+"""Cost of verified recall, RelCost, the table/JSON outputs and the PNG plots (atpframework.analysis.recall, .plots)."""
 
 import json
 import math
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from atpframework.recall import (
+from atpframework.analysis.recall import (
     RecallCurve,
     curves_to_json,
     format_table,
@@ -214,7 +214,7 @@ def _bounds(scale=1.0):
 
 def test_recall_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    from atpframework.plots import plot_recall_curves
+    from atpframework.analysis.plots import plot_recall_curves
 
     first = plot_recall_curves(_curves(), tmp_path / "recall.png", title="toy")
     assert first == tmp_path / "recall.png"
@@ -232,7 +232,7 @@ def test_recall_plot_writes_a_png(tmp_path):
 
 def test_diagnostic_plot_one_and_two_panels(tmp_path):
     pytest.importorskip("matplotlib")
-    from atpframework.plots import plot_diagnostic
+    from atpframework.analysis.plots import plot_diagnostic
 
     gen = torch.Generator().manual_seed(0)
     verified = torch.randn(30, generator=gen) * 3
@@ -258,7 +258,7 @@ def test_failed_plot_leaves_no_partial_file(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
-    from atpframework.plots import plot_diagnostic, plot_recall_curves
+    from atpframework.analysis.plots import plot_diagnostic, plot_recall_curves
 
     target = tmp_path / "recall.png"
     target.write_bytes(b"previous contents")
@@ -279,7 +279,7 @@ def test_failed_plot_leaves_no_partial_file(tmp_path, monkeypatch):
 
 def test_plot_into_a_path_that_cannot_be_a_directory(tmp_path):
     pytest.importorskip("matplotlib")
-    from atpframework.plots import plot_recall_curves
+    from atpframework.analysis.plots import plot_recall_curves
 
     blocker = tmp_path / "not_a_dir"
     blocker.write_bytes(b"x")
@@ -298,7 +298,7 @@ def test_plots_import_matplotlib_lazily_and_explain_a_missing_install(tmp_path, 
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "False"
 
-    from atpframework.plots import PlotDependencyError, plot_recall_curves
+    from atpframework.analysis.plots import PlotDependencyError, plot_recall_curves
 
     for name in list(sys.modules):
         if name == "matplotlib" or name.startswith("matplotlib."):

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 import atpframework as af
 from atpframework import SchemaError
-from atpframework.results import AttributionResult, NodeScores, VerifiedNodes
+from atpframework.io.results import AttributionResult, NodeScores, VerifiedNodes
 
 GIB = 1 << 30
 N_FUZZ = 150
@@ -150,7 +150,7 @@ def test_sparse_shape_memory_bomb_is_refused_without_allocating(tmp_path):
 
 def test_labels_describing_too_many_nodes_are_refused(valid_file, tmp_path):
     """Shape and labels agree, but describe more than ``MAX_NODES`` nodes per pair: refused before any tensor."""
-    from atpframework.results import MAX_NODES
+    from atpframework.io.results import MAX_NODES
 
     meta, tensors = _read(valid_file)
     big = {"layer": list(range(2048)), "pos": list(range(2048)), "latent": list(range(1024))}

@@ -9,7 +9,7 @@ from conftest import make_plan, tiny_model
 
 import atpframework as af
 from atpframework import SchemaError
-from atpframework.results import RESULT_SCHEMA_VERSION
+from atpframework.io.results import RESULT_SCHEMA_VERSION
 
 NODES = [
     {"kind": "attn_head", "positions": [1, -1]},

@@ -13,8 +13,8 @@ import torch
 from conftest import make_plan, save_tiny_gpt2
 
 import atpframework as af
-from atpframework.checkpoint import Checkpoint, sidecar_path
-from atpframework.results import load_result
+from atpframework.engine.checkpoint import Checkpoint, sidecar_path
+from atpframework.io.results import load_result
 
 NODES = [{"kind": "attn_head"}, {"kind": "mlp_neuron"}, {"kind": "resid"}]
 
@@ -33,7 +33,7 @@ def _plan(model_dir, n_pairs=24, **extra):
 
 def _fingerprint(plan):
     """The fingerprint a run of ``plan`` (a dict naming a model directory) checkpoints under."""
-    from atpframework.checkpoint import run_fingerprint
+    from atpframework.engine.checkpoint import run_fingerprint
 
     plan = af.as_plan(plan)
     backend = af.load_backend(plan)
@@ -80,8 +80,8 @@ def test_resume_takes_finished_batches_instead_of_running_them(tmp_path, monkeyp
     out = tmp_path / "r.safetensors"
     first = af.run(plan, output=out)
     # leave a checkpoint of batch 2 with a marked value behind, as a killed run would
-    from atpframework.checkpoint import Checkpoint
-    from atpframework.engine import BatchOutput
+    from atpframework.engine.checkpoint import Checkpoint
+    from atpframework.engine.runner import BatchOutput
 
     with Checkpoint(out, _fingerprint(plan)) as ckpt:
         marked = {name: torch.full_like(first[name].per_pair[2:3], 42.0) for name in first.nodes}
@@ -95,7 +95,7 @@ def test_resume_takes_finished_batches_instead_of_running_them(tmp_path, monkeyp
 def test_a_changed_plan_refuses_to_resume(tmp_path):
     model_dir = save_tiny_gpt2(tmp_path / "gpt2")
     out = tmp_path / "r.safetensors"
-    from atpframework.checkpoint import Checkpoint
+    from atpframework.engine.checkpoint import Checkpoint
 
     Checkpoint(out, _fingerprint(_plan(model_dir, n_pairs=4))).close()  # an unfinished run
     changed = _plan(model_dir, n_pairs=5)
@@ -110,7 +110,7 @@ def test_a_changed_plan_refuses_to_resume(tmp_path):
 
 def test_objects_passed_in_turn_checkpointing_off(tmp_path, monkeypatch):
     """The plan cannot describe an object passed in, so a later run could not tell it changed."""
-    from atpframework.checkpoint import Checkpoint
+    from atpframework.engine.checkpoint import Checkpoint
 
     saved = []
     monkeypatch.setattr(Checkpoint, "save", lambda self, number, output: saved.append(number))
@@ -187,7 +187,7 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
 
 def test_batches_without_a_complete_fingerprint_are_never_adopted(tmp_path):
     """A run killed before its run.json was written left batches that a later plan adopted."""
-    from atpframework.engine import BatchOutput
+    from atpframework.engine.runner import BatchOutput
 
     model_dir = save_tiny_gpt2(tmp_path / "gpt2")
     plan = _plan(model_dir, n_pairs=4)
@@ -202,7 +202,7 @@ def test_batches_without_a_complete_fingerprint_are_never_adopted(tmp_path):
 
 
 def test_a_batch_from_another_run_is_refused(tmp_path):
-    from atpframework.engine import BatchOutput
+    from atpframework.engine.runner import BatchOutput
 
     model_dir = save_tiny_gpt2(tmp_path / "gpt2")
     plan, other = _plan(model_dir, n_pairs=4), _plan(model_dir, n_pairs=5)
@@ -216,7 +216,7 @@ def test_a_batch_from_another_run_is_refused(tmp_path):
 
 
 def test_the_fingerprint_covers_every_weight_the_tokens_and_the_environment(tmp_path):
-    from atpframework.checkpoint import FINGERPRINT_PARTS, weights_digest
+    from atpframework.engine.checkpoint import FINGERPRINT_PARTS, weights_digest
 
     model = torch.nn.Linear(3, 2)
     before = weights_digest(model.state_dict().items())

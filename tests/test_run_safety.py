@@ -15,9 +15,9 @@ import torch
 from conftest import make_plan, save_tiny_gpt2, tiny_model
 
 import atpframework as af
-from atpframework.checkpoint import sidecar_path
+from atpframework.engine.checkpoint import sidecar_path
 from atpframework.errors import NonFiniteError, PlanError
-from atpframework.results import load_result
+from atpframework.io.results import load_result
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 HEADS = [{"kind": "attn_head"}]
@@ -275,7 +275,7 @@ class _Payload:
 
 
 def test_sae_loading_refuses_pickled_objects_whatever_the_environment(tmp_path, monkeypatch, capsys):
-    from atpframework.sae import weights_only_loading
+    from atpframework.model.sae import weights_only_loading
 
     path = tmp_path / "sae.pt"
     torch.save({"W_enc": _Payload()}, path)
@@ -301,7 +301,7 @@ def test_unexpected_failures_are_one_line_without_exception_types():
 
 
 def test_built_in_metrics_without_their_answers_are_plan_errors_not_asserts():
-    from atpframework.metrics import MetricInputs, logit_diff, logprob
+    from atpframework.plans.metrics import MetricInputs, logit_diff, logprob
 
     inputs = MetricInputs(tokens=torch.zeros(2, 3, dtype=torch.long), answer=None, wrong_answer=None, position=-1)
     for metric, needs in ((logit_diff, "answer and a wrong_answer"), (logprob, "answer token")):
@@ -310,7 +310,7 @@ def test_built_in_metrics_without_their_answers_are_plan_errors_not_asserts():
 
 
 def test_a_node_selection_of_the_wrong_type_is_a_plan_error():
-    from atpframework.node import resolve_axis
+    from atpframework.model.node import resolve_axis
 
     for bad in ("some", 3, [1, "x"], [True]):
         with pytest.raises(PlanError, match=r"nodes\[0\]\.heads: allowed: 'each', 'all' or a list of head indices"):

@@ -6,10 +6,10 @@ import torch
 from conftest import make_plan, tiny_model
 
 import atpframework as af
-from atpframework.atp import AtpGradDrop
-from atpframework.engine import batch_runs, compile_plan
-from atpframework.metrics import resolve_metric
-from atpframework.sites import Site
+from atpframework.engine.runner import batch_runs, compile_plan
+from atpframework.methods.atp import AtpGradDrop
+from atpframework.model.sites import Site
+from atpframework.plans.metrics import resolve_metric
 
 sae_lens = pytest.importorskip("sae_lens")
 D_MODEL, D_SAE = 32, 40

@@ -29,7 +29,7 @@ def backend():
 def test_transformer_lens_logits_match_hugging_face(backend):
     from transformers import AutoModelForCausalLM
 
-    from atpframework.bundled import bundled_model_dir
+    from atpframework.model.bundled import bundled_model_dir
 
     hf = AutoModelForCausalLM.from_pretrained(bundled_model_dir("bundled:smollm2-135m-instruct"), dtype=torch.float32).eval()
     tokens = torch.tensor([backend.tokenize(IOI["clean"], None)])

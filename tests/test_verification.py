@@ -10,10 +10,10 @@ import torch
 from conftest import make_plan, save_tiny_gpt2, tiny_model
 
 import atpframework as af
-from atpframework.compare import compare, write_comparison
-from atpframework.methods import get_method
-from atpframework.results import load_result
-from atpframework.verify import diagnose, verified_effects, verify
+from atpframework.analysis.compare import compare, write_comparison
+from atpframework.analysis.verify import diagnose, verified_effects, verify
+from atpframework.io.results import load_result
+from atpframework.methods.base import get_method
 
 NODES = [{"kind": "attn_head"}, {"kind": "resid"}]
 

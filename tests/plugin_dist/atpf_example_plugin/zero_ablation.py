@@ -11,8 +11,8 @@ import torch
 from pydantic import Field
 
 from atpframework import AbstractMethod, MethodConfig
-from atpframework.compiled import BatchRun, BatchScores, CompiledPlan, PassStep
-from atpframework.patching import ExactPatcher
+from atpframework.methods.patching import ExactPatcher
+from atpframework.plans.compiled import BatchRun, BatchScores, CompiledPlan, PassStep
 
 
 class ZeroAblationConfig(MethodConfig):

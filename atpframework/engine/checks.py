@@ -17,10 +17,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from .backend import AbstractBackend
-from .errors import PlanError, shorten
-from .metrics import Metric, MetricInputs
-from .sites import Site
+from atpframework.errors import PlanError, shorten
+from atpframework.model.backend import AbstractBackend
+from atpframework.model.sites import Site
+from atpframework.plans.metrics import Metric, MetricInputs
 
 
 def check_metric(metric: Metric, inputs: MetricInputs, vocab: int, dtype: torch.dtype) -> None:

@@ -22,10 +22,10 @@ import torch
 from pydantic import ByteSize
 from torch import Tensor
 
-from .backend import ModelInfo
-from .errors import PlanError, shorten
-from .node import BoundNodes
-from .sites import Site
+from atpframework.errors import PlanError, shorten
+from atpframework.model.backend import ModelInfo
+from atpframework.model.node import BoundNodes
+from atpframework.model.sites import Site
 
 # pydantic's ByteSize unit table (IEC: kb = 1000, kib = 1024), limited to the units max_memory has always
 # accepted. ByteSize's own parser is not used: it multiplies in floating point (0.99999...KiB -> 1024),

@@ -13,16 +13,16 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from . import plugins
-from .backend import AbstractBackend
-from .checks import check_metric, locate_nonfinite, nonfinite
-from .chunking import Chunking, choose_chunking, node_positions, parse_bytes
-from .compiled import Batch, BatchOutput, BatchRun, BatchScores, CompiledPlan, PassStep, PreparedPair
-from .errors import BackendError, NonFiniteError, PlanError, problem_list, shorten
-from .methods import get_method
-from .metrics import NEEDS_ANSWER, Metric
-from .node import BoundNodes, bind_nodes
-from .plan import AttributionPlan
+from atpframework import plugins
+from atpframework.engine.checks import check_metric, locate_nonfinite, nonfinite
+from atpframework.errors import BackendError, NonFiniteError, PlanError, problem_list, shorten
+from atpframework.methods.base import get_method
+from atpframework.model.backend import AbstractBackend
+from atpframework.model.node import BoundNodes, bind_nodes
+from atpframework.plans.chunking import Chunking, choose_chunking, node_positions, parse_bytes
+from atpframework.plans.compiled import Batch, BatchOutput, BatchRun, BatchScores, CompiledPlan, PassStep, PreparedPair
+from atpframework.plans.metrics import NEEDS_ANSWER, Metric
+from atpframework.plans.plan import AttributionPlan
 
 __all__ = [  # the data classes live in compiled.py; importing them from here keeps working
     "Batch", "BatchOutput", "BatchRun", "BatchScores", "CompiledPlan", "Executed", "PassStep", "PreparedPair",

@@ -24,10 +24,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from .backend import ModelInfo
-from .dims import DimName
-from .errors import PlanError, shorten
-from .sites import Site
+from atpframework.errors import PlanError, shorten
+from atpframework.model.backend import ModelInfo
+from atpframework.model.dims import DimName
+from atpframework.model.sites import Site
 
 Selection = Union[Literal["each", "all"], Annotated[list[int], Field(min_length=1)]]
 """``"each"``: one node per entry; ``"all"``: all entries summed into one node; or a list of indices (negative positions count from the end)."""

@@ -21,14 +21,14 @@ from typing import ClassVar, Generic, TypeVar
 import torch
 from torch import Tensor
 
-from . import plugins
-from .backend import AbstractBackend, SiteHook
-from .chunking import ELEMENT_BYTES, forward_elements, site_width
-from .compiled import BatchRun, BatchScores, CompiledPlan, PassStep
-from .errors import PlanError, PluginError, shorten
-from .plan import MethodConfig
-from .results import SIGN_CONVENTION
-from .sites import Site
+from atpframework import plugins
+from atpframework.errors import PlanError, PluginError, shorten
+from atpframework.io.results import SIGN_CONVENTION
+from atpframework.model.backend import AbstractBackend, SiteHook
+from atpframework.model.sites import Site
+from atpframework.plans.chunking import ELEMENT_BYTES, forward_elements, site_width
+from atpframework.plans.compiled import BatchRun, BatchScores, CompiledPlan, PassStep
+from atpframework.plans.plan import MethodConfig
 
 ConfigT = TypeVar("ConfigT", bound=MethodConfig)
 

@@ -20,8 +20,8 @@ Every site at a lower layer, and the residual boundary ``ℓ`` itself, is reache
 from dataclasses import dataclass
 from typing import Literal
 
-from .backend import ModelInfo
-from .sites import Site
+from atpframework.model.backend import ModelInfo
+from atpframework.model.sites import Site
 
 Granularity = Literal["block", "sublayer"]
 Relation = Literal["above", "inside", "reached"]

@@ -21,16 +21,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .api import as_plan, load_backend, splice_saes
-from .backend import AbstractBackend
-from .diagnostic import SubsetStats, subsample, welch_bounds
-from .compiled import CompiledPlan
-from .engine import batch_runs, compile_plan
-from .errors import PlanError, shorten
-from .metrics import resolve_metric
-from .patching import ExactPatcher
-from .recall import ranking_from_scores
-from .results import AttributionResult, VerifiedNodes, load_result, now_utc
+from atpframework.analysis.recall import ranking_from_scores
+from atpframework.api import as_plan, load_backend, splice_saes
+from atpframework.engine.runner import batch_runs, compile_plan
+from atpframework.errors import PlanError, shorten
+from atpframework.io.results import AttributionResult, VerifiedNodes, load_result, now_utc
+from atpframework.maths.diagnostic import SubsetStats, subsample, welch_bounds
+from atpframework.methods.patching import ExactPatcher
+from atpframework.model.backend import AbstractBackend
+from atpframework.plans.compiled import CompiledPlan
+from atpframework.plans.metrics import resolve_metric
 
 ResultLike = AttributionResult | str | Path
 

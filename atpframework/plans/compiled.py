@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .backend import AbstractBackend, ModelInfo
-from .chunking import Chunking
-from .metrics import Metric, MetricInputs
-from .node import BoundNodes
-from .plan import AttributionPlan
-from .sites import Site
+from atpframework.model.backend import AbstractBackend, ModelInfo
+from atpframework.model.node import BoundNodes
+from atpframework.model.sites import Site
+from atpframework.plans.chunking import Chunking
+from atpframework.plans.metrics import Metric, MetricInputs
+from atpframework.plans.plan import AttributionPlan
 
 if TYPE_CHECKING:  # the method contract refers back to these classes
-    from .methods import AbstractMethod
+    from atpframework.methods.base import AbstractMethod
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ import os
 import struct
 from pathlib import Path
 
-from .errors import PlanError, ResourceError, shorten
-from .results import RESULT_SCHEMA
+from atpframework.errors import PlanError, ResourceError, shorten
+from atpframework.io.results import RESULT_SCHEMA
+
 _MAX_HEADER = 100 * 2**20
 """Largest safetensors header we read to tell a result file from another file."""
 

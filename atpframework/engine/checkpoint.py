@@ -29,10 +29,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .compiled import BatchOutput, PreparedPair
-from .errors import PlanError, shorten
-from .files import write_atomically, write_text_atomically
-from .outputs import OutputLock
+from atpframework.engine.outputs import OutputLock
+from atpframework.errors import PlanError, shorten
+from atpframework.io.files import write_atomically, write_text_atomically
+from atpframework.plans.compiled import BatchOutput, PreparedPair
 
 FINGERPRINT_PARTS = ("plan", "tokens", "weights", "dtype", "device", "atpframework", "torch")
 """What a run's fingerprint covers; a fingerprint missing any part is incomplete and never adopted."""

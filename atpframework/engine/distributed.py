@@ -17,8 +17,8 @@ from typing import TypeVar
 
 import torch
 
-from .compiled import BatchOutput
-from .errors import AtpfError, PlanError
+from atpframework.errors import AtpfError, PlanError
+from atpframework.plans.compiled import BatchOutput
 
 __all__ = ["Group", "all_outputs", "device_for_rank", "join", "launched", "leave", "open_shared", "shard"]
 

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BackendError, PlanError
+from atpframework.errors import BackendError, PlanError
 
 BUNDLED_PREFIX = "bundled:"
 

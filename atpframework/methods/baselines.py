@@ -24,11 +24,11 @@ from typing import Literal, TypeVar
 import torch
 from pydantic import Field
 
-from .diagnostic import SubsetStats, subset_masks, subsampling_estimates
-from .compiled import BatchRun, BatchScores, CompiledPlan, PassStep
-from .methods import AbstractMethod
-from .patching import ExactPatcher
-from .plan import MethodConfig
+from atpframework.maths.diagnostic import SubsetStats, subsampling_estimates, subset_masks
+from atpframework.methods.base import AbstractMethod
+from atpframework.methods.patching import ExactPatcher
+from atpframework.plans.compiled import BatchRun, BatchScores, CompiledPlan, PassStep
+from atpframework.plans.plan import MethodConfig
 
 
 def _steps(compiled: CompiledPlan, n_sets: int, per_pass: int, rows: str, action: str, minimum: bool = False) -> list[PassStep]:

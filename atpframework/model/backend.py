@@ -2,7 +2,7 @@
 
 A backend (a subclass of ``AbstractBackend`` in the ``atpframework.backends`` entry-point group)
 adapts one model library. The engine never sees library hook names: it asks for ``Site``s, and
-receives activations in the canonical layouts of ``atpframework.sites``.
+receives activations in the canonical layouts of ``atpframework.model.sites``.
 
 Rules for implementations:
     * ``forward`` installs the given site hooks, runs one forward pass, and removes every hook it
@@ -21,8 +21,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from .errors import PlanError
-from .sites import Site
+from atpframework.errors import PlanError
+from atpframework.model.sites import Site
 
 SiteHook = Callable[[Tensor], Tensor | None]
 """Called with the canonical activation ``batch ...``; returns a same-shaped replacement or None."""

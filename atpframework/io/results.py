@@ -23,8 +23,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .errors import SchemaError, shorten
-from .files import write_atomically
+from atpframework.errors import SchemaError, shorten
+from atpframework.io.files import write_atomically
 
 RESULT_SCHEMA = "atpf.result"
 """Schema id written to ``atpf.schema``."""

@@ -6,7 +6,7 @@ the method needs to verify the true top ``k`` nodes: its own cost (``AbstractMet
 backward counting as two forwards) plus one forward per node verified in its order. Nodes are
 ranked by mean ``|score|`` over the plan's pairs and the ground truth is the mean ``|effect|``, so one
 curve covers the whole prompt distribution. RelCost is the inverse-rank-weighted geometric mean of
-``cost(k) / k`` (1 for the oracle; see ``atpframework.recall``).
+``cost(k) / k`` (1 for the oracle; see ``atpframework.analysis.recall``).
 """
 
 import json
@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
-from .api import as_plan, load_backend, run, splice_saes
-from .backend import AbstractBackend
-from .engine import compile_plan
-from .errors import PlanError
-from .files import write_text_atomically
-from .plan import AttributionPlan
-from .recall import RecallCurve, curves_to_json, format_table, recall_curve
-from .results import AttributionResult, load_result
+from atpframework.analysis.recall import RecallCurve, curves_to_json, format_table, recall_curve
+from atpframework.api import as_plan, load_backend, run, splice_saes
+from atpframework.engine.runner import compile_plan
+from atpframework.errors import PlanError
+from atpframework.io.files import write_text_atomically
+from atpframework.io.results import AttributionResult, load_result
+from atpframework.model.backend import AbstractBackend
+from atpframework.plans.plan import AttributionPlan
 
 GROUND_TRUTH = {"name": "activation_patching", "nodes_per_pass": 64}
 
@@ -138,7 +138,7 @@ def compare(
 
 def write_comparison(comparison: Comparison, out_dir: str | Path, title: str = "") -> list[Path]:
     """Write ``compare.md``, ``compare.json``, each method's result and (with matplotlib) ``compare.png``."""
-    from .plots import PlotDependencyError, plot_recall_curves
+    from atpframework.analysis.plots import PlotDependencyError, plot_recall_curves
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

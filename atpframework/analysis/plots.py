@@ -1,6 +1,6 @@
 """PNG plots of the evaluation: cost-of-verified-recall curves and the false-negative diagnostic.
 
-This module owns drawing only; the numbers come from ``atpframework.recall`` (curves) and from the
+This module owns drawing only; the numbers come from ``atpframework.analysis.recall`` (curves) and from the
 diagnostic's bound ``theta*`` (method notes, section 5). matplotlib is optional (extra ``plot``):
 it is imported inside each function, so importing this module never needs it, and a missing install
 raises ``PlotDependencyError`` (an ``ImportError``) that says what to install.
@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .errors import AtpfError
-from .files import write_atomically
-from .recall import RecallCurve
+from atpframework.analysis.recall import RecallCurve
+from atpframework.errors import AtpfError
+from atpframework.io.files import write_atomically
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

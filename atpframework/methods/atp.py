@@ -22,17 +22,26 @@ from typing import ClassVar, Literal, TypeVar
 import torch
 from torch import Tensor
 
-from .attention import ROW_BLOCK, KeyPatch, clean_attention, joint_key_delta_z, joint_key_effects, key_effects, key_patch, query_delta_z
-from .backend import AbstractBackend, SiteHook
-from .chunking import ELEMENT_BYTES, graph_elements, node_positions, position_chunks, site_width, take_positions
-from .compiled import Batch, BatchRun, BatchScores, CompiledPlan, PassStep
-from .errors import BackendError, PlanError
-from .graddrop import DropTerm, drop_terms
-from .methods import AbstractMethod, noise_forward
-from .node import BoundNodes
-from .plan import MethodConfig
-from .results import GRADDROP_CONVENTION
-from .sites import Site
+from atpframework.errors import BackendError, PlanError
+from atpframework.io.results import GRADDROP_CONVENTION
+from atpframework.maths.attention import (
+    ROW_BLOCK,
+    KeyPatch,
+    clean_attention,
+    joint_key_delta_z,
+    joint_key_effects,
+    key_effects,
+    key_patch,
+    query_delta_z,
+)
+from atpframework.maths.graddrop import DropTerm, drop_terms
+from atpframework.methods.base import AbstractMethod, noise_forward
+from atpframework.model.backend import AbstractBackend, SiteHook
+from atpframework.model.node import BoundNodes
+from atpframework.model.sites import Site
+from atpframework.plans.chunking import ELEMENT_BYTES, graph_elements, node_positions, position_chunks, site_width, take_positions
+from atpframework.plans.compiled import Batch, BatchRun, BatchScores, CompiledPlan, PassStep
+from atpframework.plans.plan import MethodConfig
 
 QK_SITES = ("attn_q", "attn_k")
 Mode = Literal["grad", "query", "key", "joint"]

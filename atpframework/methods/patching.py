@@ -19,12 +19,12 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from .backend import SiteHook
-from .compiled import BatchRun, BatchScores, CompiledPlan, PassStep
-from .methods import AbstractMethod, capture, noise_forward
-from .node import BoundNodes
-from .plan import MethodConfig
-from .sites import Site
+from atpframework.methods.base import AbstractMethod, capture, noise_forward
+from atpframework.model.backend import SiteHook
+from atpframework.model.node import BoundNodes
+from atpframework.model.sites import Site
+from atpframework.plans.compiled import BatchRun, BatchScores, CompiledPlan, PassStep
+from atpframework.plans.plan import MethodConfig
 
 NodeSet = dict[int, Tensor]
 """Nodes patched jointly: selection index (into ``BatchRun.batch.bound``) -> flat node indices (``LongTensor``)."""

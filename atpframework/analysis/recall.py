@@ -18,7 +18,7 @@ Conventions:
   geometric mean of ``cost(k)/k``, so the head of the ranking dominates.
 
 Only torch is needed; tables are Markdown strings and ``curves_to_json`` gives plain lists of floats.
-Plotting lives in ``atpframework.plots`` (optional matplotlib).
+Plotting lives in ``atpframework.analysis.plots`` (optional matplotlib).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import PlanError
-from .plan import MetricSpec
+from atpframework.errors import PlanError
+from atpframework.plans.plan import MetricSpec
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,9 @@ from typing import Any
 from einops import rearrange
 from torch import Tensor, nn
 
-from .backend import AbstractBackend, SiteHook
-from .errors import BackendError, PlanError, shorten
-from .sites import Site
+from atpframework.errors import BackendError, PlanError, shorten
+from atpframework.model.backend import AbstractBackend, SiteHook
+from atpframework.model.sites import Site
 
 _HOOK_SITES = [
     (r"blocks\.(\d+)\.hook_resid_pre", "resid", 0),

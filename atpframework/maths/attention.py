@@ -33,7 +33,7 @@ import torch
 from einops import einsum, rearrange, reduce, repeat
 from torch import Tensor
 
-from .chunking import take_positions
+from atpframework.plans.chunking import take_positions
 
 NEG_INF = float("-inf")
 

@@ -10,17 +10,17 @@ and the allowed values.
 
 import json
 import math
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, Final, Literal, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from . import plugins
-from .chunking import parse_bytes
-from .errors import MAX_PROBLEMS, PlanError, PluginError, problem_list, shorten
-from .node import NodeSpec
+from atpframework import plugins
+from atpframework.errors import MAX_PROBLEMS, PlanError, PluginError, problem_list, shorten
+from atpframework.model.node import NodeSpec
+from atpframework.plans.chunking import parse_bytes
 
 PLAN_SCHEMA: Final = "atpf.plan/1"
 """Schema id of the plan format this version reads and writes."""

@@ -1,0 +1,1 @@
+"""Running a compiled plan: batches, run-time checks, checkpoints, output placement, sharding."""

@@ -1,0 +1,1 @@
+"""The files atpframework writes and reads: atomic writes and the result file format."""
