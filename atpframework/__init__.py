@@ -18,11 +18,15 @@ from atpframework.io.results import load_result as load_result
 from atpframework.methods.base import AbstractMethod as AbstractMethod
 from atpframework.model.backend import AbstractBackend as AbstractBackend
 from atpframework.model.backend import ModelInfo as ModelInfo
+from atpframework.model.interventions import Intervention as Intervention
 from atpframework.model.node import AbstractNode as AbstractNode
 from atpframework.model.node import NodeSpec as NodeSpec
 from atpframework.model.node import Selection as Selection
 from atpframework.model.sites import Site as Site
+from atpframework.plans.compiled import BatchRun as BatchRun
+from atpframework.plans.compiled import BatchScores as BatchScores
 from atpframework.plans.compiled import CompiledPlan as CompiledPlan
+from atpframework.plans.compiled import PassStep as PassStep
 from atpframework.plans.metrics import MetricInputs as MetricInputs
 from atpframework.plans.plan import AttributionPlan as AttributionPlan
 from atpframework.plans.plan import MethodConfig as MethodConfig
@@ -33,7 +37,7 @@ from atpframework.version import __version__ as __version__
 
 __all__ = [
     "AbstractBackend", "AbstractMethod", "AbstractNode", "AtpfError", "AttributionPlan", "AttributionResult", "BackendError",
-    "CompiledPlan", "MethodConfig", "MetricInputs", "ModelInfo", "NodeSpec", "PlanError", "PluginError", "SchemaError",
+    "BatchRun", "BatchScores", "CompiledPlan", "Intervention", "PassStep", "MethodConfig", "MetricInputs", "ModelInfo", "NodeSpec", "PlanError", "PluginError", "SchemaError",
     "Selection", "Site", "as_plan", "compile", "load_backend", "load_plan", "load_result", "parse_plan",
     "plan_json_schema", "run",
 ]

@@ -47,14 +47,14 @@ from atpframework.model.backend import (
     AbstractBackend,
     ModelInfo,
     SiteHook,
+    apply_site_hooks,
     resolve_options,
     start_hooks,
-    tokenize_text,
-    tokenizer_adds_bos,
-    usable_tokenizer,
 )
 from atpframework.model.bundled import BUNDLED_PREFIX, bundled_model_dir
 from atpframework.model.sites import SITE_NAMES, Site
+
+from .tokenizers import tokenize_text, tokenizer_adds_bos, usable_tokenizer
 
 _ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 _DEVICE_MAPS = ("none", "auto", "balanced", "balanced_low_0", "sequential")
@@ -287,19 +287,11 @@ _ACTIVE_ATTENTION_HOOKS: dict[nn.Module, _AttentionSiteHooks] = {}
 _REGISTERED_WRAPPERS: set[str] = set()
 
 
-def _apply_site_hooks(act: Tensor, fns: Sequence[SiteHook]) -> Tensor:
-    for fn in fns:
-        replaced = fn(act)
-        if replaced is not None:
-            act = replaced
-    return act
-
-
 def _apply_heads_first(states: Tensor, fns: Sequence[SiteHook]) -> Tensor:
     """Run hooks on ``batch head pos d_head`` states in the canonical ``batch pos head d_head`` layout."""
     if not fns:
         return states
-    return _apply_site_hooks(states.transpose(1, 2), fns).transpose(1, 2)
+    return apply_site_hooks(states.transpose(1, 2), fns).transpose(1, 2)
 
 
 def _original_attention(implementation: str, module: nn.Module) -> Callable[..., tuple[Tensor, Any]]:
@@ -333,7 +325,7 @@ def _hooked_attention_name(implementation: str) -> str:
         key = _apply_heads_first(key, hooks.key)
         value = _apply_heads_first(value, hooks.value)
         mixed, weights = original(module, query, key, value, attention_mask, **kwargs)  # batch pos head d_head
-        return _apply_site_hooks(mixed, hooks.mixed_values), weights
+        return apply_site_hooks(mixed, hooks.mixed_values), weights
 
     AttentionInterface.register(name, hooked_attention)
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
@@ -571,7 +563,7 @@ class HuggingFaceBackend(AbstractBackend):
 # ----------------------------------------------------------------- hook factories
 def _replace_first_input(fns: list[SiteHook]) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
     def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (_apply_site_hooks(args[0], fns), *args[1:])
+        return (apply_site_hooks(args[0], fns), *args[1:])
 
     return hook
 
@@ -583,10 +575,10 @@ def _block_input_hook(
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         if args:
-            hidden = _apply_site_hooks(args[0], resid)
+            hidden = apply_site_hooks(args[0], resid)
             args = (hidden, *args[1:])
         else:
-            hidden = _apply_site_hooks(kwargs["hidden_states"], resid)
+            hidden = apply_site_hooks(kwargs["hidden_states"], resid)
             kwargs = {**kwargs, "hidden_states": hidden}
         block_inputs["hidden"] = hidden
         return args, kwargs
@@ -606,10 +598,10 @@ def _residual_write_hook(
 
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
         first = output[0] if isinstance(output, tuple) else output
-        written = _apply_site_hooks(first, fns)
+        written = apply_site_hooks(first, fns)
         if resid_mid:
             block_input = block_inputs["hidden"]  # type: ignore[index]
-            written = _apply_site_hooks(block_input + written, resid_mid) - block_input
+            written = apply_site_hooks(block_input + written, resid_mid) - block_input
         return (written, *output[1:]) if isinstance(output, tuple) else written
 
     return hook

@@ -25,14 +25,14 @@ from atpframework.model.backend import (
     AbstractBackend,
     ModelInfo,
     SiteHook,
+    apply_site_hooks,
     resolve_options,
     start_hooks,
-    tokenize_text,
-    tokenizer_adds_bos,
-    usable_tokenizer,
 )
 from atpframework.model.bundled import BUNDLED_PREFIX, bundled_model_dir
 from atpframework.model.sites import SITE_NAMES, Site
+
+from .tokenizers import tokenize_text, tokenizer_adds_bos, usable_tokenizer
 
 _OPTIONS = {"model_class": ("hooked_transformer", "bridge")}
 """Option -> allowed values, the first the default."""
@@ -214,10 +214,7 @@ class TransformerLensBackend(AbstractBackend):
                 act = rearrange(output, "batch head pos d_head -> batch pos head d_head")
             else:
                 act = output
-            for fn in fns:
-                replaced = fn(act)
-                if replaced is not None:
-                    act = replaced
+            act = apply_site_hooks(act, fns)
             if flat:
                 return rearrange(act, "batch pos head d_head -> batch pos (head d_head)")
             if heads_first:

@@ -293,7 +293,7 @@ def test_plot_into_a_path_that_cannot_be_a_directory(tmp_path):
 
 def test_plots_import_matplotlib_lazily_and_explain_a_missing_install(tmp_path, monkeypatch):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    code = "import sys, atpframework.plots; print('matplotlib' in sys.modules)"
+    code = "import sys, atpframework.analysis.plots; print('matplotlib' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "False"

@@ -12,13 +12,14 @@
   failed, or when every score of a batch is exactly 0.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
 from atpframework.errors import PlanError, shorten
 from atpframework.model.backend import AbstractBackend
+from atpframework.model.interventions import Intervention
 from atpframework.model.sites import Site
 from atpframework.plans.metrics import Metric, MetricInputs
 
@@ -81,23 +82,29 @@ def locate_nonfinite(backend: AbstractBackend, tokens: Tensor) -> str | None:
     info = backend.info
     found: list[str] = []
 
-    def watch(site: Site):  # noqa: ANN202 - a SiteHook
-        def hook(act: Tensor) -> None:
+    def watch(site: Site) -> Callable[[Tensor], None]:
+        def look(act: Tensor) -> None:
             if not found:
                 bad = nonfinite({f"site {site.name} at layer {site.layer}": act.detach()})
                 if bad is not None:
                     found.append(_describe(bad))
 
-        return hook
+        return look
+
+    def run_watching(sites: set[Site]) -> Tensor:
+        watched = Intervention()
+        for site in sites:
+            watched.observe(site, watch(site))
+        return watched.run(backend, tokens)
 
     every = {Site(name, layer) for name in backend.supported_sites for layer in range(info.n_layers)}
     boundaries = {Site("resid", layer) for layer in range(info.n_layers + 1)}
     with torch.no_grad():
         try:
-            logits = backend.forward(tokens, {site: [watch(site)] for site in every | boundaries})
+            logits = run_watching(every | boundaries)
         except Exception:  # noqa: BLE001 - a site this model lacks (e.g. no MLP): watch the residual stream only
             found.clear()
-            logits = backend.forward(tokens, {site: [watch(site)] for site in boundaries})
+            logits = run_watching(boundaries)
     if not found:
         bad = nonfinite({"the logits": logits})
         if bad is not None:

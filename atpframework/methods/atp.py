@@ -17,6 +17,7 @@ sites and never cached.
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 from typing import ClassVar, Literal, TypeVar
 
 import torch
@@ -36,7 +37,8 @@ from atpframework.maths.attention import (
 )
 from atpframework.maths.graddrop import DropTerm, drop_terms
 from atpframework.methods.base import AbstractMethod, noise_forward
-from atpframework.model.backend import AbstractBackend, SiteHook
+from atpframework.model.backend import AbstractBackend
+from atpframework.model.interventions import Intervention
 from atpframework.model.node import BoundNodes
 from atpframework.model.sites import Site
 from atpframework.plans.chunking import ELEMENT_BYTES, graph_elements, node_positions, position_chunks, site_width, take_positions
@@ -301,13 +303,13 @@ class FirstOrder(AbstractMethod[ConfigT]):
 class _GradientPass:
     """The clean forward and backward passes of one position chunk, in named steps.
 
-    ``clean_forward`` runs the clean prompts with a hook at every site the plan needs: gradient sites
-    (their activation kept, their noise - clean difference taken, a tensor hook scoring the gradient
-    when it arrives), QK-fix value sites (activations kept) and GradDrop restart sites (the plain
-    gradient kept where a restart needs it). ``plain_backward`` takes the gradient of the summed
-    metric down to the lowest node layer; ``restarted_backward(n)`` restarts it below the ``n``-th
-    active GradDrop term, with that write's gradient dropped. Each backward checks that a gradient
-    arrived at exactly the sites it must reach.
+    ``clean_forward`` runs the clean prompts under one ``Intervention``: the gradient sites receive
+    their gradients (scored on arrival against the noise - clean difference), the QK fix's value
+    sites and GradDrop's restart sites are captured in the graph, and each restart's cotangent site
+    keeps the plain backward's gradient. ``plain_backward`` takes the gradient of the summed metric
+    down to the lowest node layer; ``restarted_backward(n)`` restarts it below the ``n``-th active
+    GradDrop term, with that write's gradient dropped. Each backward checks that a gradient arrived
+    at exactly the sites it must reach.
     """
 
     def __init__(
@@ -315,17 +317,19 @@ class _GradientPass:
     ) -> None:
         self.run, self.layout, self.scores, self.positions, self.first = run, layout, scores, positions, first
         self.noise_acts = noise_acts
-        self.tensors: dict[Site, Tensor] = {}
-        """Clean activations (in the graph) at every hooked site."""
+        self.clean = Intervention()
+        for site in layout.contributors:
+            self.clean.receive_gradient(site, partial(self._on_grad, site))
+        for site in {layout.terms[t].cotangent for t in layout.active}:
+            self.clean.receive_gradient(site, partial(self._keep_plain_grad, site))
+        self.tensors = self.clean.capture((*layout.value_sites, *layout.restart_sites), keep_graph=True)
+        """Clean activations (in the graph) at every site of the pass, filled by ``clean_forward``."""
         self.values: dict[Site, Tensor] = {}
         """Detached clean activations the QK fix reads."""
         self.deltas: dict[Site, Tensor] = {}
         """Noise minus clean activation at the gradient sites scored as ``delta . grad``."""
         self.plain_grads: dict[Site, Tensor] = {}
         """The plain backward's gradient at each GradDrop term's cotangent site."""
-        self.leaves: list[Tensor] = []
-        """Activations made leaves of the graph (sites not downstream of the floor)."""
-        self.cotangents = {layout.terms[t].cotangent for t in layout.active}
         self.term: int | None = None
         """The GradDrop term whose restarted backward is running (None: the plain backward)."""
         self.fired: set[Site] = set()
@@ -334,20 +338,24 @@ class _GradientPass:
 
     # ------------------------------------------------------------- the steps
     def clean_forward(self) -> Tensor:
-        """The hooked clean forward; returns the per-pair metric, its graph kept."""
+        """The clean forward; returns the per-pair metric, its graph kept."""
         run = self.run
-        logits = run.backend.forward(run.clean_tokens, self._hooks())
+        logits = self.clean.run(run.backend, run.clean_tokens)
         metric_clean = run.metric(logits, run.metric_inputs(run.clean_tokens))
         del logits
         if not metric_clean.requires_grad:
             raise BackendError("the metric does not depend on any hooked activation (no gradient path)")
+        for site, entries in self.layout.contributors.items():
+            if any(mode == "grad" for _, mode in entries):
+                self.deltas[site] = self.noise_acts[site] - take_positions(self.tensors[site].detach(), self.positions)
+        self.values.update({site: self.tensors[site].detach() for site in self.layout.value_sites})
         return metric_clean
 
     def plain_backward(self, metric_clean: Tensor) -> list[Tensor]:
         """d(sum of per-pair metric)/d(site) down to the floor, scored on arrival; returns the floor tensors."""
         layout = self.layout
         floor = [self.tensors[s] for s in layout.floor]
-        floor += [leaf for leaf in self.leaves if all(leaf is not t for t in floor)]
+        floor += [leaf for leaf in self.clean.leaves if all(leaf is not t for t in floor)]  # not downstream of the floor
         torch.autograd.grad(metric_clean.sum(), floor, retain_graph=bool(layout.active), allow_unused=True)
         _check_arrivals(set(layout.contributors), self.fired, "")
         return floor
@@ -370,17 +378,7 @@ class _GradientPass:
         if all(layout.terms[later].cotangent != term.cotangent for later in layout.active[n + 1 :]):
             del self.plain_grads[term.cotangent]
 
-    # ------------------------------------------------------------- hooks and gradient arrival
-    def _hooks(self) -> dict[Site, list[SiteHook]]:
-        hooks: dict[Site, list[SiteHook]] = defaultdict(list)
-        for site in self.layout.contributors:
-            hooks[site].append(self._gradient_hook(site))
-        for site in self.layout.value_sites:
-            hooks[site].append(self._value_hook(site))
-        for site in self.layout.restart_sites:
-            hooks[site].append(self._keep_hook(site))
-        return hooks
-
+    # ------------------------------------------------------------- gradient arrival
     def _on_grad(self, site: Site, grad: Tensor) -> None:
         """Score every node selection read at ``site`` from its gradient, for the running term."""
         self.fired.add(site)
@@ -398,37 +396,9 @@ class _GradientPass:
                 effect = _expand_positions(effect, positions, seq_len)
             self.scores.add(b, site, self.term, b.reduce(effect).float().to(self.scores.device))
 
-    def _gradient_hook(self, site: Site) -> SiteHook:
-        def hook(act: Tensor) -> Tensor | None:
-            replacement = None
-            if not act.requires_grad:  # frozen weights or a detached input: make this site a leaf of the graph
-                act = replacement = act.detach().requires_grad_(True)
-                self.leaves.append(act)  # not downstream of the floor: the backward passes must ask for it
-            self.tensors[site] = act
-            if any(mode == "grad" for _, mode in self.layout.contributors[site]):
-                self.deltas[site] = self.noise_acts[site] - take_positions(act.detach(), self.positions)
-            act.register_hook(lambda grad: self._on_grad(site, grad))
-            return replacement
-
-        return hook
-
-    def _keep_hook(self, site: Site) -> SiteHook:
-        def keep_plain_grad(grad: Tensor) -> None:
-            if self.term is None:
-                self.plain_grads[site] = grad
-
-        def hook(act: Tensor) -> None:
-            self.tensors[site] = act
-            if site in self.cotangents:
-                act.register_hook(keep_plain_grad)
-
-        return hook
-
-    def _value_hook(self, site: Site) -> SiteHook:
-        def hook(act: Tensor) -> None:
-            self.values[site] = act.detach()
-
-        return hook
+    def _keep_plain_grad(self, site: Site, grad: Tensor) -> None:
+        if self.term is None:
+            self.plain_grads[site] = grad
 
 
 def _check_arrivals(expected: set[Site], fired: set[Site], context: str) -> None:

@@ -24,7 +24,8 @@ from torch import Tensor
 from atpframework import plugins
 from atpframework.errors import PlanError, PluginError, shorten
 from atpframework.io.results import SIGN_CONVENTION
-from atpframework.model.backend import AbstractBackend, SiteHook
+from atpframework.model.backend import AbstractBackend
+from atpframework.model.interventions import Intervention
 from atpframework.model.sites import Site
 from atpframework.plans.chunking import ELEMENT_BYTES, forward_elements, site_width
 from atpframework.plans.compiled import BatchRun, BatchScores, CompiledPlan, PassStep
@@ -117,17 +118,6 @@ def get_method(name: str) -> AbstractMethod[MethodConfig]:
     return method_type(name)()
 
 
-def capture(store: dict[Site, Tensor], site: Site, positions: Tensor | None = None) -> SiteHook:
-    """A site hook storing the detached activation in ``store[site]`` (only the ``positions`` along the
-    axis after ``batch``, when given)."""
-
-    def hook(act: Tensor) -> None:
-        act = act.detach()
-        store[site] = act if positions is None else act.index_select(1, positions.to(act.device))
-
-    return hook
-
-
 def noise_forward(
     run: BatchRun, sites: tuple[Site, ...] | None = None, positions: Tensor | None = None, full: tuple[Site, ...] = ()
 ) -> tuple[dict[Site, Tensor], Tensor]:
@@ -135,10 +125,11 @@ def noise_forward(
 
     ``positions``: keep only these positions of each site, except the sites in ``full``.
     """
-    acts: dict[Site, Tensor] = {}
     sites = run.compiled.sites if sites is None else sites
+    noise = Intervention()
+    noise.capture([s for s in sites if s not in full], positions=positions)
+    noise.capture([s for s in sites if s in full])
     with torch.no_grad():
-        hooks = {s: [capture(acts, s, None if s in full else positions)] for s in sites}
-        logits = run.backend.forward(run.noise_tokens, hooks)
+        logits = noise.run(run.backend, run.noise_tokens)
         value = run.metric(logits, run.metric_inputs(run.noise_tokens))
-    return acts, value
+    return noise.captured, value

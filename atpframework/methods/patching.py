@@ -19,8 +19,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from atpframework.methods.base import AbstractMethod, capture, noise_forward
-from atpframework.model.backend import SiteHook
+from atpframework.methods.base import AbstractMethod, noise_forward
+from atpframework.model.interventions import Intervention, Patch
 from atpframework.model.node import BoundNodes
 from atpframework.model.sites import Site
 from atpframework.plans.compiled import BatchRun, BatchScores, CompiledPlan, PassStep
@@ -56,10 +56,10 @@ class ExactPatcher:
         self.n_batch = run.clean_tokens.shape[0]
         self.n_layers = run.backend.info.n_layers
         self.noise_acts, self.metric_noise = noise_forward(run)
-        boundaries = {Site("resid", layer) for layer in range(self.n_layers + 1)} if skip_layers else set()
-        self.clean_resid: dict[Site, Tensor] = {}
+        clean = Intervention()
+        self.clean_resid = clean.capture([Site("resid", layer) for layer in range(self.n_layers + 1)] if skip_layers else [])
         with torch.no_grad():
-            logits = run.backend.forward(run.clean_tokens, {s: [capture(self.clean_resid, s)] for s in boundaries})
+            logits = clean.run(run.backend, run.clean_tokens)
             self.metric_clean = run.metric(logits, run.metric_inputs(run.clean_tokens))
         # the lowest model layer each node touches: where a pass patching it can start
         self._start = [self._node_start_layers(b) for b in self.bound]
@@ -122,17 +122,17 @@ class ExactPatcher:
     # ------------------------------------------------------------------ one pass
     def _patched_metric(self, sets: list[NodeSet], start: int) -> Tensor:
         n_blocks = len(sets)
-        hooks: dict[Site, list[SiteHook]] = defaultdict(list)
+        patched = Intervention()
         for (site, _), mask in self._site_masks(sets).items():
-            hooks[site].append(_patch_hook(self.noise_acts[site], mask))
+            patched.patch(site, _row_block_patch(self.noise_acts[site], mask))
         tokens = self.run.clean_tokens.repeat(n_blocks, 1)
         backend = self.run.backend
         with torch.no_grad():
             if start == 0:
-                logits = backend.forward(tokens, hooks)
+                logits = patched.run(backend, tokens)
             else:
-                resid = self.clean_resid[Site("resid", start)].repeat(n_blocks, *([1] * (self.clean_resid[Site("resid", start)].dim() - 1)))
-                logits = backend.forward_from(start, resid, tokens, hooks)
+                clean = self.clean_resid[Site("resid", start)]
+                logits = patched.run_from(backend, start, clean.repeat(n_blocks, *([1] * (clean.dim() - 1))), tokens)
             values = self.run.metric(logits, self.run.metric_inputs(tokens, repeat=n_blocks))
         self.counts = PatchCounts(
             self.counts.passes + 1,
@@ -169,17 +169,17 @@ class ExactPatcher:
         return masks
 
 
-def _patch_hook(noise: Tensor, mask: Tensor) -> SiteHook:
+def _row_block_patch(noise: Tensor, mask: Tensor) -> Patch:
     """Rows of block ``r`` take ``noise`` where ``mask[r]`` is set (``mask``: ``set *grid``)."""
     n_sets, n_batch = mask.shape[0], noise.shape[0]
     n_features = noise.dim() - 1 - (mask.dim() - 1)
     full = mask.reshape(n_sets, 1, *mask.shape[1:], *([1] * n_features)).to(noise.device)
 
-    def hook(act: Tensor) -> Tensor:
+    def replace(act: Tensor) -> Tensor:
         blocks = act.view(n_sets, n_batch, *act.shape[1:])
         return torch.where(full.to(act.device), noise.to(act.device)[None], blocks).view(act.shape)
 
-    return hook
+    return replace
 
 
 class ActivationPatchingConfig(MethodConfig):

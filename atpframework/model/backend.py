@@ -128,14 +128,20 @@ class AbstractBackend(ABC):
 
 
 # ----------------------------------------------------------------- helpers for backend authors
+def apply_site_hooks(act: Tensor, hooks: Sequence[SiteHook]) -> Tensor:
+    """Run ``hooks`` on ``act`` in order, each on what the previous one returned (or left): the activation
+    that flows downstream. Every backend applies the hooks at a site with this."""
+    for hook in hooks:
+        replaced = hook(act)
+        if replaced is not None:
+            act = replaced
+    return act
+
+
 def start_hooks(layer: int, resid: Tensor, hooks: Mapping[Site, Sequence[SiteHook]]) -> dict[Site, list[SiteHook]]:
     """``hooks`` with ``Site("resid", layer)`` replaced by one hook returning ``resid`` after its own hooks ran on it."""
     boundary = Site("resid", layer)
-    start = resid
-    for fn in hooks.get(boundary, ()):
-        replaced = fn(start)
-        if replaced is not None:
-            start = replaced
+    start = apply_site_hooks(resid, hooks.get(boundary, ()))
     out = {site: list(fns) for site, fns in hooks.items() if site != boundary}
     out[boundary] = [lambda act: start]
     return out
@@ -153,35 +159,3 @@ def resolve_options(backend: str, options: Mapping[str, Any], choices: Mapping[s
             raise PlanError(f"model.options.{name}: allowed: {', '.join(allowed)} (got {value!r})")
         resolved[name] = value
     return resolved
-
-
-def usable_tokenizer(tokenizer: Any) -> Any:
-    """``tokenizer``, or None when it has no vocabulary (transformers builds an empty one for a
-    directory without tokenizer files, which would turn every text prompt into no tokens)."""
-    try:
-        return tokenizer if tokenizer is not None and len(tokenizer) > 1 else None
-    except TypeError:
-        return tokenizer
-
-
-def tokenizer_adds_bos(tokenizer: Any) -> bool:
-    """Whether a Hugging Face tokenizer puts its BOS token in front by itself."""
-    if tokenizer is None or tokenizer.bos_token_id is None:
-        return False
-    ids = tokenizer("a")["input_ids"]
-    return bool(ids) and ids[0] == tokenizer.bos_token_id
-
-
-def tokenize_text(tokenizer: Any, text: str, prepend_bos: bool) -> list[int]:
-    """Token ids of ``text`` with a Hugging Face tokenizer, BOS prepended on request (never twice)."""
-    if tokenizer is None:
-        raise PlanError(
-            "prompts: this model has no tokenizer; give prompts as token ids (and answer, wrong_answer too). "
-            "Its directory has no tokenizer files, or the model object carries none"
-        )
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if prepend_bos:
-        if tokenizer.bos_token_id is None:
-            raise PlanError("prepend_bos: the tokenizer has no BOS token")
-        ids = [tokenizer.bos_token_id] + ids
-    return ids

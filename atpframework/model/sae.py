@@ -34,7 +34,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from atpframework.errors import BackendError, PlanError, shorten
-from atpframework.model.backend import AbstractBackend, SiteHook
+from atpframework.model.backend import AbstractBackend, SiteHook, apply_site_hooks
+from atpframework.model.interventions import Intervention, Patch
 from atpframework.model.sites import Site
 
 _HOOK_SITES = [
@@ -252,49 +253,36 @@ class SplicedBackend(AbstractBackend):
         return self.inner.forward_from(layer, resid, tokens, self._plain_hooks(hooks))
 
     def _plain_hooks(self, hooks: Mapping[Site, Sequence[SiteHook]]) -> dict[Site, list[SiteHook]]:
-        """The wrapped backend's hooks: each SAE whose views are hooked is spliced in at its site."""
-        plain: dict[Site, list[SiteHook]] = {s: list(fns) for s, fns in hooks.items() if not s.view}
+        """The wrapped backend's hooks: each SAE whose views are hooked is spliced in at its site (an
+        ``Intervention`` patching the site, with the given hooks inside it: they see the spliced output)."""
+        splice = Intervention()
         for sae in self.attached.values():
-            latent_fns = list(hooks.get(Site(sae.site.name, sae.site.layer, sae.latents_view), ()))
-            error_fns = list(hooks.get(Site(sae.site.name, sae.site.layer, sae.error_view), ()))
-            if not latent_fns and not error_fns:
+            latent_hooks = list(hooks.get(Site(sae.site.name, sae.site.layer, sae.latents_view), ()))
+            error_hooks = list(hooks.get(Site(sae.site.name, sae.site.layer, sae.error_view), ()))
+            if not latent_hooks and not error_hooks:
                 continue
-            inputs: dict[str, Tensor] = {}
-            if sae.input_site != sae.site:
-                plain.setdefault(sae.input_site, []).append(_keep_input(inputs))
-            plain.setdefault(sae.site, []).insert(0, _splice(sae, latent_fns, error_fns, inputs))
-        return plain
+            inputs = splice.capture([sae.input_site], keep_graph=True) if sae.input_site != sae.site else None
+            splice.patch(sae.site, _splice(sae, latent_hooks, error_hooks, inputs))
+        return splice.site_hooks(inner={s: fns for s, fns in hooks.items() if not s.view})
 
 
-def _keep_input(store: dict[str, Tensor]) -> SiteHook:
-    def hook(act: Tensor) -> None:
-        store["x"] = act
-
-    return hook
-
-
-def _splice(sae: AttachedSae, latent_fns: list[SiteHook], error_fns: list[SiteHook], inputs: dict[str, Tensor]) -> SiteHook:
+def _splice(sae: AttachedSae, latent_hooks: list[SiteHook], error_hooks: list[SiteHook], inputs: dict[Site, Tensor] | None) -> Patch:
+    """The splice at ``sae.site``: ``decode(latents) + error``, the view hooks run on latents and error;
+    a transcoder reads its input from ``inputs`` (captured earlier in the same pass)."""
     module = sae.sae
 
-    def apply(fns: list[SiteHook], value: Tensor) -> Tensor:
-        for fn in fns:
-            replaced = fn(value)
-            if replaced is not None:
-                value = replaced
-        return value
-
-    def hook(act: Tensor) -> Tensor:
+    def replace(act: Tensor) -> Tensor:
         heads = act.dim() == 4  # attn_z: batch pos head d_head, SAEs read the heads concatenated
         y = rearrange(act, "batch pos head d_head -> batch pos (head d_head)") if heads else act
-        x = inputs.get("x", y)
+        x = y if inputs is None else inputs[sae.input_site]
         param = next(module.parameters())  # its dtype and device; a multi-device model's site may sit elsewhere
         codes = module.encode(x.to(param))  # batch pos latent
-        latents = apply(latent_fns, codes.clone())  # a node of its own: its gradient is W_dec . dMetric/dout
+        latents = apply_site_hooks(codes.clone(), latent_hooks)  # a node of its own: its gradient is W_dec . dMetric/dout
         error = y.to(param) - module.decode(codes)
         if sae.error_gradient == "detached":
             error = error.detach()
-        error = apply(error_fns, error)
+        error = apply_site_hooks(error, error_hooks)
         out = (module.decode(latents) + error).to(act)
         return rearrange(out, "batch pos (head d_head) -> batch pos head d_head", head=act.shape[2]) if heads else out
 
-    return hook
+    return replace

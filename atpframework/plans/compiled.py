@@ -1,11 +1,12 @@
 """What a compiled plan is and what a method reads and returns per batch: the data both the engine
 and the methods use, kept in this leaf module so neither imports the other.
 
-Lifecycle of one batch: ``compile_plan`` (engine.py) turns a plan into a ``CompiledPlan`` of
+Lifecycle of one batch: ``compile_plan`` (``engine/runner.py``) turns a plan into a ``CompiledPlan`` of
 ``Batch``es; ``batch_runs`` gives each as a ``BatchRun`` (tokens on the device, the metric); the
 plan's method turns it into ``BatchScores`` (device tensors); ``run_batches`` moves those to the CPU
 as a ``BatchOutput`` (what checkpoints and other processes exchange); ``assemble`` joins the outputs
-into per-pair tensors (``engine.Executed``).
+into per-pair tensors (``runner.Executed``). The table in docs/architecture.md says who makes and
+who consumes each.
 """
 
 from dataclasses import dataclass, field
