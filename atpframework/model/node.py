@@ -9,7 +9,7 @@ entry), ``"all"`` (every entry summed into one node, patched jointly) or a list 
 Binding a selection (``bind_nodes``) resolves it against a ``BindingContext``: the model's sizes,
 the prompt length, the plan location used in errors and the SAEs the plan splices in.
 
-Rules for implementations:
+Rules for implementations (``AbstractNode.plugin_problems`` checks them when the plugin loads):
     * ``spec_type.kind`` is a ``Literal`` equal to ``kind`` and to the entry-point name.
     * ``site`` is a site name (``sites.SITE_NAMES``); a node type that overrides ``bind`` chooses
       what it reads itself (a view such as an SAE's latents) and may name something else.
@@ -27,7 +27,7 @@ from abc import ABC
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, Union
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, Union, get_args, get_origin
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,7 +35,7 @@ from torch import Tensor
 
 from atpframework.errors import PlanError, PluginError, shorten
 from atpframework.model.backend import ModelInfo
-from atpframework.model.sites import Site
+from atpframework.model.sites import SITE_NAMES, Site
 
 if TYPE_CHECKING:
     from atpframework.model.sae import AttachedSae
@@ -168,6 +168,53 @@ class AbstractNode(ABC):
         Node types that read something other than a fixed backend site (SAE latents, from
         ``context.saes``) override this."""
         return None
+
+    @classmethod
+    def plugin_problems(cls, name: str) -> list[str]:
+        """What is wrong with this class as the node plugin ``name`` (empty: nothing). ``plugins`` calls
+        it when the plugin loads or is registered, so a broken node type fails there, named."""
+        problems: list[str] = []
+        declared = getattr(cls, "spec_type", None)
+        spec_type = declared if isinstance(declared, type) and issubclass(declared, NodeSpec) else None
+        if spec_type is None:
+            problems.append(f"spec_type is {declared!r}, not a subclass of NodeSpec")
+        else:
+            annotation = spec_type.model_fields["kind"].annotation
+            if get_origin(annotation) is not Literal or get_args(annotation) != (name,):
+                shown = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+                problems.append(f"{spec_type.__name__}.kind is {shown}, not Literal[{name!r}] (the spec's kind must be the entry-point name)")
+        binds_itself = cls.bind is not AbstractNode.bind
+        site = getattr(cls, "site", None)
+        if site not in SITE_NAMES and not binds_itself:
+            problems.append(
+                f"site {site!r} is not a site name (allowed: {', '.join(SITE_NAMES)}); only a node type that "
+                "overrides bind may read something else"
+            )
+        n_feature_dims = getattr(cls, "n_feature_dims", None)
+        if not isinstance(n_feature_dims, int) or isinstance(n_feature_dims, bool) or n_feature_dims < 0:
+            problems.append(f"n_feature_dims is {n_feature_dims!r}, not an integer >= 0")
+        index_dims = getattr(cls, "index_dims", None)
+        if not (isinstance(index_dims, tuple) and all(isinstance(d, str) for d in index_dims)):
+            problems.append(f"index_dims is {index_dims!r}, not a tuple of axis names")
+            return problems
+        if len(set(index_dims)) != len(index_dims) or "layer" in index_dims:
+            problems.append(f"index_dims {index_dims!r} must name distinct axes other than 'layer' (always the first axis)")
+        sized_by_node = binds_itself or cls.dim_size is not AbstractNode.dim_size
+        for dim in index_dims:
+            plan_field = cls.selection_fields.get(dim)
+            if plan_field is None:
+                problems.append(
+                    f"index axis {dim!r} has no plan field: add one to selection_fields "
+                    f"(e.g. {{**SELECTION_FIELDS, {dim!r}: {dim + 's'!r}}}) and to the spec"
+                )
+            elif spec_type is not None and plan_field not in spec_type.model_fields:
+                problems.append(f"index axis {dim!r} is selected by the plan field {plan_field!r}, which {spec_type.__name__} does not declare")
+            if dim not in SIZED_AXES and dim not in cls.axis_sizes and not sized_by_node:
+                problems.append(
+                    f"index axis {dim!r} is unknown: not a built-in axis with a size ({', '.join(SIZED_AXES)}) "
+                    "and not sized by the node type (declare it in axis_sizes)"
+                )
+        return problems
 
     def elementwise_effect(self, delta: Tensor, grad: Tensor) -> Tensor:
         """First-order effect per index entry: ``(noise - clean) . dMetric/dact`` over the feature axes.
