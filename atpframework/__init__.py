@@ -19,7 +19,6 @@ from atpframework.methods.base import AbstractMethod as AbstractMethod
 from atpframework.model.backend import AbstractBackend as AbstractBackend
 from atpframework.model.backend import ModelInfo as ModelInfo
 from atpframework.model.node import AbstractNode as AbstractNode
-from atpframework.model.node import BindingContext as BindingContext
 from atpframework.model.node import NodeSpec as NodeSpec
 from atpframework.model.node import Selection as Selection
 from atpframework.model.sites import Site as Site
@@ -34,7 +33,7 @@ from atpframework.version import __version__ as __version__
 
 __all__ = [
     "AbstractBackend", "AbstractMethod", "AbstractNode", "AtpfError", "AttributionPlan", "AttributionResult", "BackendError",
-    "BindingContext", "CompiledPlan", "MethodConfig", "MetricInputs", "ModelInfo", "NodeSpec", "PlanError", "PluginError",
-    "SchemaError", "Selection", "Site", "as_plan", "compile", "load_backend", "load_plan", "load_result", "parse_plan",
+    "CompiledPlan", "MethodConfig", "MetricInputs", "ModelInfo", "NodeSpec", "PlanError", "PluginError", "SchemaError",
+    "Selection", "Site", "as_plan", "compile", "load_backend", "load_plan", "load_result", "parse_plan",
     "plan_json_schema", "run",
 ]
