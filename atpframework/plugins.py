@@ -16,8 +16,14 @@ Listing a group never imports a plugin; a plugin module is imported only when a 
 ``register()`` adds a class by hand (notebooks, tests) without an installed distribution. This module
 sits below everything it loads: it names each contract's base class by its import path, so it imports
 no other part of the package.
+
+A plugin is checked when it loads or is registered: it must subclass its contract's base class and
+declare its entry-point name, and a base class with a ``plugin_problems(name)`` classmethod (node
+types, methods) lists what else is wrong with it (a spec whose ``kind`` is another name, an unknown
+site or axis...). A broken plugin raises ``PluginError`` naming it, its class and every problem.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
 from importlib.metadata import EntryPoint, entry_points
@@ -68,7 +74,8 @@ def available(kind: str) -> list[str]:
 
 
 def register(kind: str, name: str, cls: type) -> None:
-    """Make ``cls`` available under ``name`` for this process (an alternative to an entry point)."""
+    """Make ``cls`` available under ``name`` for this process (an alternative to an entry point);
+    ``PluginError`` if it is not a valid plugin of ``kind``."""
     _check_class(kind, name, cls)
     _registered[kind][name] = cls
     _loaded[kind].pop(name, None)
@@ -97,7 +104,7 @@ def load(kind: str, name: str) -> Any:
             cls = eps[name].load()
         except Exception as err:  # a broken plugin must not look like a missing one
             raise PluginError(f"{_singular(kind)} plugin {name!r} ({eps[name].value}) failed to import: {err}") from err
-        _check_class(kind, name, cls)
+        _check_class(kind, name, cls, origin=eps[name].value)
     _loaded[kind][name] = cls
     return cls
 
@@ -106,13 +113,28 @@ def _singular(kind: str) -> str:
     return {"hf_architectures": "architecture adapter"}.get(kind, kind[:-1])
 
 
-def _check_class(kind: str, name: str, cls: Any) -> None:
+def _check_class(kind: str, name: str, cls: Any, origin: str | None = None) -> None:
+    """``PluginError`` unless ``cls`` is a valid plugin ``name`` of ``kind``; ``origin`` is the entry
+    point's value (``module:Class``), shown with the class in messages."""
     contract = CONTRACTS[kind]
     module, _, qualname = contract.base.partition(":")
     base = getattr(import_module(module), qualname)
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise PluginError(f"{_singular(kind)} plugin {name!r} is {cls!r}, not a subclass of {base.__qualname__}")
+    where = origin or f"{cls.__module__}:{cls.__qualname__}"
     if contract.name_attribute is not None:
         declared = getattr(cls, contract.name_attribute, None)
+        if declared is None:
+            raise PluginError(
+                f"{_singular(kind)} plugin {name!r} ({where}) declares no {contract.name_attribute!r}; "
+                f"it must be the entry-point name {name!r}"
+            )
         if declared != name:
-            raise PluginError(f"{_singular(kind)} plugin registered as {name!r} declares the name {declared!r}; they must match")
+            raise PluginError(
+                f"{_singular(kind)} plugin registered as {name!r} declares the name {declared!r}; they must match ({where})"
+            )
+    plugin_problems: Callable[[str], list[str]] | None = getattr(cls, "plugin_problems", None)  # the contract's own checks
+    if plugin_problems is not None:
+        problems = plugin_problems(name)
+        if problems:
+            raise PluginError(f"{_singular(kind)} plugin {name!r} ({where}) is broken: " + "; ".join(problems))

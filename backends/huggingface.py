@@ -42,6 +42,7 @@ from einops import einsum
 from torch import Tensor, nn
 
 from atpframework import plugins
+from atpframework.backends.transformer_lens import site_of_tl_hook_name
 from atpframework.errors import BackendError, PlanError, PluginError
 from atpframework.model.backend import (
     AbstractBackend,
@@ -430,6 +431,10 @@ class HuggingFaceBackend(AbstractBackend):
     # ----------------------------------------------------------------- running
     def tokenize(self, text: str, prepend_bos: bool | None) -> list[int]:
         return tokenize_text(self.tokenizer, text, self.default_prepend_bos if prepend_bos is None else prepend_bos)
+
+    def site_of_hook_name(self, hook_name: str) -> Site | None:
+        """sae_lens records TransformerLens hook names, also for SAEs used on Hugging Face models."""
+        return site_of_tl_hook_name(hook_name)
 
     def forward(self, tokens: Tensor, hooks: Mapping[Site, Sequence[SiteHook]]) -> Tensor:
         by_site = {site: list(fns) for site, fns in hooks.items() if fns}

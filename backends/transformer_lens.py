@@ -11,6 +11,7 @@ model's.
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,6 +40,30 @@ _OPTIONS = {"model_class": ("hooked_transformer", "bridge")}
 _HEAD_SITES = {"attn_z", "attn_q", "attn_k", "attn_v"}
 _BRIDGE_QK_FIX_ATTENTION = {"GPT2Attention", "LlamaAttention"}
 """Hugging Face attention classes whose pattern the bridge path recomputes (tested against the bridge's own)."""
+_RECORDED_HOOK_SITES = [
+    (r"blocks\.(\d+)\.hook_resid_pre", "resid", 0),
+    (r"blocks\.(\d+)\.hook_resid_post", "resid", 1),
+    (r"blocks\.(\d+)\.hook_resid_mid", "resid_mid", 0),
+    (r"blocks\.(\d+)\.hook_attn_out", "attn_out", 0),
+    (r"blocks\.(\d+)\.hook_mlp_out", "mlp_out", 0),
+    (r"blocks\.(\d+)\.attn\.hook_z", "attn_z", 0),
+    (r"blocks\.(\d+)\.mlp\.hook_post", "mlp_post", 0),
+    (r"blocks\.(\d+)\.ln2\.hook_normalized", "mlp_in", 0),
+    (r"blocks\.(\d+)\.hook_mlp_in", "mlp_in", 0),
+]
+"""TransformerLens hook names sae_lens records where an SAE was trained: pattern, site, layer offset
+(``hook_resid_post`` of block ``l`` is the residual boundary ``l + 1``)."""
+
+
+def site_of_tl_hook_name(hook_name: str) -> Site | None:
+    """The site of a TransformerLens hook name (``blocks.5.hook_resid_pre`` -> ``resid[layer=5]``), or None.
+
+    sae_lens records these names whatever library runs the model, so other backends reuse this."""
+    for pattern, name, offset in _RECORDED_HOOK_SITES:
+        match = re.fullmatch(pattern, hook_name)
+        if match:
+            return Site(name, int(match.group(1)) + offset)
+    return None
 
 
 class TransformerLensBackend(AbstractBackend):
@@ -179,6 +204,9 @@ class TransformerLensBackend(AbstractBackend):
             if f"blocks.{site.layer}.ln2.hook_normalized" in self.model.hook_dict
             else f"blocks.{site.layer}.hook_resid_mid",
         }[site.name]
+
+    def site_of_hook_name(self, hook_name: str) -> Site | None:
+        return site_of_tl_hook_name(hook_name)
 
     def forward(self, tokens: Tensor, hooks: Mapping[Site, Sequence[SiteHook]]) -> Tensor:
         return self._run(hooks, tokens.to(self.device))

@@ -8,7 +8,6 @@ since clean and noise share positions).
 
 from typing import Literal
 
-from atpframework.model.backend import ModelInfo
 from atpframework.model.node import AbstractNode, NodeSpec, Selection
 
 
@@ -44,10 +43,7 @@ class AttnQuery(AbstractNode):
 
 
 class _KeyValueNode(AbstractNode):
-    def dim_size(self, dim: str, info: ModelInfo, seq_len: int) -> int:
-        if dim == "head":
-            return info.n_kv_heads
-        return super().dim_size(dim, info, seq_len)
+    axis_sizes = {"head": lambda context: context.info.n_kv_heads}
 
 
 class AttnKey(_KeyValueNode):

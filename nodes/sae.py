@@ -10,12 +10,21 @@ the largest latents of each pair and the result stores them as a sparse tensor.
 """
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 
-from atpframework.model.backend import ModelInfo
-from atpframework.model.node import AbstractNode, AxisSelection, BoundNodes, NodeSpec, Selection, resolve_axis
+from atpframework.errors import PlanError
+from atpframework.model.node import (
+    AbstractNode,
+    AxisSelection,
+    BindingContext,
+    BoundNodes,
+    NodeSpec,
+    Selection,
+    SparseOutput,
+    resolve_axis,
+)
 
 
 class SaeLatentSpec(NodeSpec):
@@ -33,6 +42,12 @@ class SaeLatentSpec(NodeSpec):
     whole selection: ``keep_top_per``) and store them sparsely; None keeps every latent (dense)."""
     keep_top_per: Literal["position", "selection"] = "position"
 
+    def sparse_output(self) -> SparseOutput | None:
+        return None if self.keep_top is None else SparseOutput(self.keep_top, self.keep_top_per)
+
+    def sae_references(self) -> Mapping[str, str]:
+        return {"sae": self.sae}
+
 
 class SaeErrorSpec(NodeSpec):
     """Select an SAE's reconstruction error."""
@@ -42,15 +57,26 @@ class SaeErrorSpec(NodeSpec):
     layers: Literal["each"] = "each"
     positions: Selection = "each"
 
+    def sae_references(self) -> Mapping[str, str]:
+        return {"sae": self.sae}
 
-def _bind(node: AbstractNode, spec: Any, seq_len: int, where: str, attached: Mapping[str, Any], view: str) -> BoundNodes:
-    sae = attached[spec.sae]
+
+def _bind(node: AbstractNode, spec: NodeSpec, context: BindingContext) -> BoundNodes:
+    if not isinstance(spec, (SaeLatentSpec, SaeErrorSpec)):
+        raise TypeError(f"node kind {node.kind!r} binds {SaeLatentSpec.__name__} or {SaeErrorSpec.__name__}, got {type(spec).__name__}")
+    if spec.sae not in context.saes:
+        raise PlanError(
+            f"{context.at('sae')}: SAE {spec.sae!r} is not spliced into this model; "
+            "compile the plan with atpframework.compile / run, which load its saes"
+        )
+    sae = context.saes[spec.sae]
     layer = sae.site.layer
-    axes = [resolve_axis(spec.positions, "pos", seq_len, f"{where}.positions", allow_negative=True)]
-    if "latent" in node.index_dims:
-        axes.append(resolve_axis(spec.latents, "latent", sae.d_sae, f"{where}.latents", allow_negative=False))
+    axes = [resolve_axis(spec.positions, "pos", context.seq_len, context.at("positions"), allow_negative=True)]
+    if isinstance(spec, SaeLatentSpec):
+        axes.append(resolve_axis(spec.latents, "latent", sae.d_sae, context.at("latents"), allow_negative=False))
     layers = AxisSelection("layer", 1, ((layer,),), [layer])
-    return BoundNodes(spec, node, layers, tuple(axes), site_name=sae.site.name, view=getattr(sae, view))
+    view = sae.latents_view if isinstance(spec, SaeLatentSpec) else sae.error_view
+    return BoundNodes(spec, node, layers, tuple(axes), site_name=sae.site.name, view=view)
 
 
 class SaeLatent(AbstractNode):
@@ -60,8 +86,8 @@ class SaeLatent(AbstractNode):
     index_dims = ("pos", "latent")
     n_feature_dims = 0
 
-    def bind(self, spec: NodeSpec, info: ModelInfo, seq_len: int, where: str, attached: Mapping[str, Any]) -> BoundNodes:
-        return _bind(self, spec, seq_len, where, attached, "latents_view")
+    def bind(self, spec: NodeSpec, context: BindingContext) -> BoundNodes:
+        return _bind(self, spec, context)
 
 
 class SaeError(AbstractNode):
@@ -70,5 +96,5 @@ class SaeError(AbstractNode):
     site = "sae_error"
     index_dims = ("pos",)
 
-    def bind(self, spec: NodeSpec, info: ModelInfo, seq_len: int, where: str, attached: Mapping[str, Any]) -> BoundNodes:
-        return _bind(self, spec, seq_len, where, attached, "error_view")
+    def bind(self, spec: NodeSpec, context: BindingContext) -> BoundNodes:
+        return _bind(self, spec, context)

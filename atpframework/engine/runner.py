@@ -18,7 +18,7 @@ from atpframework.engine.checks import check_metric, locate_nonfinite, nonfinite
 from atpframework.errors import BackendError, NonFiniteError, PlanError, problem_list, shorten
 from atpframework.methods.base import get_method
 from atpframework.model.backend import AbstractBackend
-from atpframework.model.node import BoundNodes, bind_nodes
+from atpframework.model.node import BindingContext, BoundNodes, bind_nodes
 from atpframework.plans.chunking import Chunking, choose_chunking, node_positions, parse_bytes
 from atpframework.plans.compiled import Batch, BatchOutput, BatchRun, BatchScores, CompiledPlan, PassStep, PreparedPair
 from atpframework.plans.metrics import NEEDS_ANSWER, Metric
@@ -36,7 +36,7 @@ def compile_plan(plan: AttributionPlan, backend: AbstractBackend) -> CompiledPla
     pairs = _prepare_pairs(plan, backend)
 
     nodes = [plugins.load("nodes", spec.kind)() for spec in plan.nodes]
-    attached = getattr(backend, "attached", {})
+    attached = backend.attached_saes
     if plan.saes and not attached:
         raise PlanError("saes: the plan splices SAEs; compile it with atpframework.compile / run, which load them")
 
@@ -44,7 +44,8 @@ def compile_plan(plan: AttributionPlan, backend: AbstractBackend) -> CompiledPla
     bound_by_len: dict[int, tuple[BoundNodes, ...]] = {}
     for length in lengths:
         bound_by_len[length] = tuple(
-            bind_nodes(spec, node, info, length, f"nodes[{i}]", attached) for i, (spec, node) in enumerate(zip(plan.nodes, nodes))
+            bind_nodes(spec, node, BindingContext(info, length, f"nodes[{i}]", attached))
+            for i, (spec, node) in enumerate(zip(plan.nodes, nodes))
         )
     first = bound_by_len[lengths[0]]
     for i, b in enumerate(first):
@@ -233,11 +234,11 @@ def run_batches(
         dense, sparse = {}, {}
         for b in run.batch.bound:
             value = out.scores[b.name].detach().float().cpu()
-            keep = getattr(b.spec, "keep_top", None)
-            if keep is None:
+            sparse_output = b.spec.sparse_output()
+            if sparse_output is None:
                 dense[b.name] = value
             else:
-                sparse[b.name] = keep_top(value, idx, keep, getattr(b.spec, "keep_top_per", "selection"))
+                sparse[b.name] = keep_top(value, idx, sparse_output.keep_top, sparse_output.per)
         outputs.append(BatchOutput(
             idx, dense, sparse, {k: v.detach().float().cpu() for k, v in (out.extras or {}).items()},
             out.metric_clean.detach().float().cpu(), out.metric_noise.detach().float().cpu(),
@@ -297,7 +298,7 @@ def assemble(compiled: CompiledPlan, outputs: Sequence[BatchOutput]) -> Executed
     scores = {
         b.name: torch.zeros((n,) + b.shape, dtype=torch.float32)
         for b in compiled.bound
-        if getattr(b.spec, "keep_top", None) is None
+        if b.spec.sparse_output() is None
     }
     sparse: dict[str, list[tuple[Tensor, Tensor]]] = {}
     metric_clean = torch.zeros(n, dtype=torch.float32)

@@ -16,7 +16,7 @@ Built-in methods: ``activation_patching`` (exact, ``patching.py``), the first-or
 """
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Generic, TypeVar
+from typing import ClassVar, Generic, Literal, TypeVar, get_args, get_origin
 
 import torch
 from torch import Tensor
@@ -99,6 +99,19 @@ class AbstractMethod(ABC, Generic[ConfigT]):
     nan_means_undefined: ClassVar[bool] = False
     """A NaN score is a documented outcome ("no estimate for this node"), not a failure, so the engine's
     finite check skips this method's scores (its metrics are still checked)."""
+
+    @classmethod
+    def plugin_problems(cls, name: str) -> list[str]:
+        """What is wrong with this class as the method plugin ``name`` (empty: nothing); ``plugins`` calls
+        it when the plugin loads or is registered."""
+        declared = getattr(cls, "config_type", None)
+        if not (isinstance(declared, type) and issubclass(declared, MethodConfig)):
+            return [f"config_type is {declared!r}, not a subclass of MethodConfig"]
+        annotation = declared.model_fields["name"].annotation
+        if get_origin(annotation) is not Literal or get_args(annotation) != (name,):
+            shown = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+            return [f"{declared.__name__}.name is {shown}, not Literal[{name!r}] (the config's name must be the entry-point name)"]
+        return []
 
 
 def method_type(name: str) -> type[AbstractMethod[MethodConfig]]:

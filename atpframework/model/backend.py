@@ -15,7 +15,7 @@ Rules for implementations:
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -23,6 +23,9 @@ from torch import Tensor
 
 from atpframework.errors import PlanError
 from atpframework.model.sites import Site
+
+if TYPE_CHECKING:
+    from atpframework.model.sae import AttachedSae
 
 SiteHook = Callable[[Tensor], Tensor | None]
 """Called with the canonical activation ``batch ...``; returns a same-shaped replacement or None."""
@@ -110,6 +113,19 @@ class AbstractBackend(ABC):
             ``(t, s)`` may depend only on ``q[:, t]`` and ``k[:, s]`` (the key closed form relies on it).
         """
         raise NotImplementedError(self.attention_unsupported(layer))
+
+    def site_of_hook_name(self, hook_name: str) -> Site | None:
+        """The site of a hook name as sae_lens records where an SAE was trained (``cfg.metadata.hook_name``),
+        or None if it names none. sae_lens records TransformerLens hook names whatever library runs the
+        model; the TransformerLens backend owns those names (``transformer_lens.site_of_tl_hook_name``) and
+        the Hugging Face backend reuses them. Default: None, so a plan places its SAEs with ``site`` and
+        ``site_layer``."""
+        return None
+
+    @property
+    def attached_saes(self) -> "Mapping[str, AttachedSae]":
+        """The SAEs spliced into this backend, by name (``model.sae.SplicedBackend``); a plain backend has none."""
+        return {}
 
     def describe(self) -> dict[str, Any]:
         """Model description stored in result metadata."""

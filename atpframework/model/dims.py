@@ -1,4 +1,7 @@
-"""The closed vocabulary of axis names used in shapes, einops patterns and result files.
+"""The built-in axis names used in shapes, einops patterns and result files.
+
+Node plugins may add index axes of their own (``AbstractNode.selection_fields`` and ``axis_sizes``);
+result files store axis names as strings, so those travel like the built-in ones.
 
 Glossary:
     pair:    a (clean, noise) prompt pair; the leading axis of every per-pair result tensor.
@@ -17,6 +20,6 @@ Glossary:
 from typing import Literal
 
 DimName = Literal["pair", "batch", "pos", "key_pos", "layer", "head", "d_head", "d_model", "neuron", "latent", "vocab"]
-"""Every axis name atpframework writes into shapes and result metadata."""
+"""Every axis name atpframework itself writes into shapes and result metadata (node plugins may add more)."""
 
 DIM_NAMES: tuple[str, ...] = DimName.__args__  # type: ignore[attr-defined]

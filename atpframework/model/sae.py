@@ -23,7 +23,6 @@ The splice runs on top of any backend's plain site hooks (``SplicedBackend``); S
 into passes that read their views.
 """
 
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,29 +36,6 @@ from atpframework.errors import BackendError, PlanError, shorten
 from atpframework.model.backend import AbstractBackend, SiteHook, apply_site_hooks
 from atpframework.model.interventions import Intervention, Patch
 from atpframework.model.sites import Site
-
-_HOOK_SITES = [
-    (r"blocks\.(\d+)\.hook_resid_pre", "resid", 0),
-    (r"blocks\.(\d+)\.hook_resid_post", "resid", 1),
-    (r"blocks\.(\d+)\.hook_resid_mid", "resid_mid", 0),
-    (r"blocks\.(\d+)\.hook_attn_out", "attn_out", 0),
-    (r"blocks\.(\d+)\.hook_mlp_out", "mlp_out", 0),
-    (r"blocks\.(\d+)\.attn\.hook_z", "attn_z", 0),
-    (r"blocks\.(\d+)\.mlp\.hook_post", "mlp_post", 0),
-    (r"blocks\.(\d+)\.ln2\.hook_normalized", "mlp_in", 0),
-    (r"blocks\.(\d+)\.hook_mlp_in", "mlp_in", 0),
-]
-"""sae_lens records where an SAE was trained as a TransformerLens hook name; the site each one is."""
-
-
-def site_from_hook_name(hook_name: str) -> Site | None:
-    """The site of a TransformerLens hook name (``blocks.5.hook_resid_pre`` -> ``resid[layer=5]``), or None."""
-    for pattern, name, offset in _HOOK_SITES:
-        match = re.fullmatch(pattern, hook_name)
-        if match:
-            return Site(name, int(match.group(1)) + offset)
-    return None
-
 
 @dataclass(frozen=True)
 class AttachedSae:
@@ -176,7 +152,7 @@ def _place(spec: Any, sae: Any, source: str, backend: AbstractBackend, where: st
                 raise PlanError(f"{where}.{field}_layer: required with {field}")
             return Site(explicit_name, explicit_layer)
         hook_name = metadata.get(hook_key) if metadata is not None else None
-        site = site_from_hook_name(hook_name) if hook_name else None
+        site = backend.site_of_hook_name(hook_name) if hook_name else None
         if site is None:
             raise PlanError(
                 f"{where}.{field}: the SAE does not record a recognised hook ({hook_key}={hook_name!r}); "
@@ -233,6 +209,13 @@ class SplicedBackend(AbstractBackend):
 
     def attention_logits(self, layer: int, q: Tensor, k: Tensor) -> Tensor:
         return self.inner.attention_logits(layer, q, k)
+
+    def site_of_hook_name(self, hook_name: str) -> Site | None:
+        return self.inner.site_of_hook_name(hook_name)
+
+    @property
+    def attached_saes(self) -> Mapping[str, AttachedSae]:
+        return self.attached
 
     def describe(self) -> dict[str, Any]:
         out = self.inner.describe()

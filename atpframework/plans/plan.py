@@ -187,10 +187,10 @@ class AttributionPlan(_Strict):
             if names.index(sae_spec.name) != i:
                 raise ValueError(f"saes[{i}].name: {shorten(sae_spec.name)} is used twice")
         for i, spec in enumerate(self.nodes):
-            sae = getattr(spec, "sae", None)
-            if sae is not None and sae not in names:
-                known = shorten(names) if names else "none"
-                raise ValueError(f"nodes[{i}].sae: unknown SAE {shorten(sae)}; the plan's saes: {known}")
+            for field_name, sae in spec.sae_references().items():
+                if sae not in names:
+                    known = shorten(names) if names else "none"
+                    raise ValueError(f"nodes[{i}].{field_name}: unknown SAE {shorten(sae)}; the plan's saes: {known}")
         return self
 
     def to_json(self) -> str:
