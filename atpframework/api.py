@@ -113,6 +113,14 @@ def run(
     compiled = compile_plan(plan, backend)
     if resume is None:
         resume = model is None and backend_given is None and metric is None and not saes
+    return _run_compiled(compiled, backend, metric_fn, progress, group, target, overwrite, resume)
+
+
+def _run_compiled(
+    compiled: CompiledPlan, backend: AbstractBackend, metric_fn: Metric, progress: Callable[[int], None] | None,
+    group: parallel.Group | None, target: Path | None, overwrite: bool, resume: bool,
+) -> AttributionResult:
+    """Run every batch (this process's shard, under a checkpoint when resuming), assemble the result, save it."""
     main = group is None or group.is_main
     with ExitStack() as stack:
         checkpoint = _checkpoint(compiled, backend, target, group) if resume and target is not None else None

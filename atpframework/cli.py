@@ -364,24 +364,15 @@ def _format_verified(result: Any, top: int) -> str:
 
 def _global_labels(result: Any) -> Callable[[int], str]:
     """Global node index -> a label like ``heads L3 P9 H2``."""
-    import torch
-
     from atpframework.io.results import TopNode
 
-    spans = []
-    at = 0
-    for name, ns in result.nodes.items():
-        shape = tuple(ns.per_pair.shape[1:])
-        spans.append((at, name, ns, shape))
-        at += int(torch.tensor(shape).prod())
+    numbering = result.numbering
 
     def label(g: int) -> str:
-        for start, name, ns, shape in reversed(spans):
-            if g >= start:
-                coords = torch.unravel_index(torch.tensor(g - start), shape)
-                named = {dim: "all" if ns.index[dim] == "all" else ns.index[dim][int(c)] for dim, c in zip(ns.dims[1:], coords)}
-                return TopNode(name, ns.kind, named, 0.0, 0.0).label()
-        raise IndexError(g)
+        name, coords = numbering.locate(g)
+        ns = result.nodes[name]
+        named = {dim: "all" if ns.index[dim] == "all" else ns.index[dim][c] for dim, c in zip(ns.dims[1:], coords)}
+        return TopNode(name, ns.kind, named, 0.0, 0.0).label()
 
     return label
 

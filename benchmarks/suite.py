@@ -56,9 +56,10 @@ from typing import Any
 import torch
 
 import atpframework as af
-from atpframework.engine.runner import BatchRun, batch_runs, compile_plan
+from atpframework.engine.runner import batch_runs, compile_plan
 from atpframework.io.files import write_text_atomically
 from atpframework.methods.base import get_method
+from atpframework.plans.compiled import BatchRun
 from atpframework.plans.metrics import resolve_metric
 
 NODE_KINDS = ["attn_head", "attn_q", "attn_k", "attn_v", "mlp_neuron", "resid"]

@@ -81,7 +81,7 @@ def test_resume_takes_finished_batches_instead_of_running_them(tmp_path, monkeyp
     first = af.run(plan, output=out)
     # leave a checkpoint of batch 2 with a marked value behind, as a killed run would
     from atpframework.engine.checkpoint import Checkpoint
-    from atpframework.engine.runner import BatchOutput
+    from atpframework.plans.compiled import BatchOutput
 
     with Checkpoint(out, _fingerprint(plan)) as ckpt:
         marked = {name: torch.full_like(first[name].per_pair[2:3], 42.0) for name in first.nodes}
@@ -187,7 +187,7 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
 
 def test_batches_without_a_complete_fingerprint_are_never_adopted(tmp_path):
     """A run killed before its run.json was written left batches that a later plan adopted."""
-    from atpframework.engine.runner import BatchOutput
+    from atpframework.plans.compiled import BatchOutput
 
     model_dir = save_tiny_gpt2(tmp_path / "gpt2")
     plan = _plan(model_dir, n_pairs=4)
@@ -202,7 +202,7 @@ def test_batches_without_a_complete_fingerprint_are_never_adopted(tmp_path):
 
 
 def test_a_batch_from_another_run_is_refused(tmp_path):
-    from atpframework.engine.runner import BatchOutput
+    from atpframework.plans.compiled import BatchOutput
 
     model_dir = save_tiny_gpt2(tmp_path / "gpt2")
     plan, other = _plan(model_dir, n_pairs=4), _plan(model_dir, n_pairs=5)

@@ -11,8 +11,6 @@ temporary file in the target directory, then ``os.replace``; on any error the te
 removed and a file already at the target path is left unchanged.
 """
 
-from __future__ import annotations
-
 import math
 import numbers
 import os
@@ -30,7 +28,6 @@ from atpframework.io.files import write_atomically
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["PlotDependencyError", "plot_diagnostic", "plot_recall_curves"]
 
 _DPI = 100
 
@@ -39,7 +36,7 @@ class PlotDependencyError(AtpfError, ImportError):
     """matplotlib is not installed; plots need the ``plot`` extra."""
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def _new_figure(width: float, height: float) -> "Figure":
     """A Figure on an Agg canvas (no pyplot, no GUI backend)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -60,7 +57,7 @@ def _png_path(path: str | os.PathLike[str]) -> Path:
     return out
 
 
-def _save_atomically(fig: Figure, path: Path) -> Path:
+def _save_atomically(fig: "Figure", path: Path) -> Path:
     """Write ``fig`` as a PNG at ``path`` atomically."""
     return write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI))
 
@@ -170,7 +167,19 @@ def plot_diagnostic(
     two_panels = len(budgets) > 1
     fig = _new_figure(11.0 if two_panels else 6.4, 4.8)
     axes = fig.subplots(1, 2 if two_panels else 1, squeeze=False)[0]
-    ax = axes[0]
+    colors = {conf: f"C{i + 1}" for i, conf in enumerate(checked)}
+    _draw_effects_and_bound(axes[0], verified, remainder, checked, colors)
+    if two_panels:
+        _draw_bound_against_samples(axes[1], checked, budgets, colors)
+    if title:
+        fig.suptitle(title)
+    return _save_atomically(fig, out)
+
+
+def _draw_effects_and_bound(
+    ax: Any, verified: Tensor, remainder: Tensor | None, checked: dict[float, list[tuple[int, float]]], colors: dict[float, str]
+) -> None:
+    """``plot_diagnostic``'s first panel: |effects| against rank and one line per confidence at its last bound."""
     n_verified = verified.numel()
     if n_verified:
         ax.plot(range(1, n_verified + 1), verified.tolist(), marker="o", markersize=3, linewidth=1.2,
@@ -178,7 +187,6 @@ def plot_diagnostic(
     if remainder is not None and remainder.numel():
         ax.scatter(range(n_verified + 1, n_verified + remainder.numel() + 1), remainder.tolist(), s=6,
                    color="0.5", label="unverified nodes |c| (true)")
-    colors = {conf: f"C{i + 1}" for i, conf in enumerate(checked)}
     for conf, rows in checked.items():
         samples, theta = rows[-1]
         label = f"bound θ* at {conf:.0%} (m={samples})"
@@ -192,24 +200,23 @@ def plot_diagnostic(
     ax.set_title("verified effects and bound")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="upper right", fontsize="small")
-    if two_panels:
-        from matplotlib.ticker import NullFormatter
 
-        ax2 = axes[1]
-        for conf, rows in checked.items():
-            thetas = [t if math.isfinite(t) else math.nan for _, t in rows]
-            ax2.plot([m for m, _ in rows], thetas, marker="o", color=colors[conf], label=f"θ* at {conf:.0%}")
-        ax2.set_xscale("log")
-        ax2.set_yscale("log", nonpositive="mask")
-        ticks = sorted(m for m in budgets if m > 0)
-        if 0 < len(ticks) <= 8:  # label the budgets themselves, not crowded minor ticks
-            ax2.set_xticks(ticks, [str(m) for m in ticks])
-            ax2.xaxis.set_minor_formatter(NullFormatter())
-        ax2.set_xlabel("number of samples")
-        ax2.set_ylabel("bound θ* on unverified |c|")
-        ax2.set_title("bound against sample budget")
-        ax2.grid(True, which="both", alpha=0.3)
-        ax2.legend(loc="upper right", fontsize="small")
-    if title:
-        fig.suptitle(title)
-    return _save_atomically(fig, out)
+
+def _draw_bound_against_samples(ax: Any, checked: dict[float, list[tuple[int, float]]], budgets: set[int], colors: dict[float, str]) -> None:
+    """``plot_diagnostic``'s second panel: the bound against the sample budget (log-log), one line per confidence."""
+    from matplotlib.ticker import NullFormatter
+
+    for conf, rows in checked.items():
+        thetas = [t if math.isfinite(t) else math.nan for _, t in rows]
+        ax.plot([m for m, _ in rows], thetas, marker="o", color=colors[conf], label=f"θ* at {conf:.0%}")
+    ax.set_xscale("log")
+    ax.set_yscale("log", nonpositive="mask")
+    ticks = sorted(m for m in budgets if m > 0)
+    if 0 < len(ticks) <= 8:  # label the budgets themselves, not crowded minor ticks
+        ax.set_xticks(ticks, [str(m) for m in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("number of samples")
+    ax.set_ylabel("bound θ* on unverified |c|")
+    ax.set_title("bound against sample budget")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper right", fontsize="small")

@@ -21,8 +21,6 @@ Only torch is needed; tables are Markdown strings and ``curves_to_json`` gives p
 Plotting lives in ``atpframework.analysis.plots`` (optional matplotlib).
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,17 +28,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
-__all__ = [
-    "RecallCurve",
-    "curves_to_json",
-    "format_table",
-    "ranking_from_scores",
-    "recall_curve",
-    "relative_cost",
-    "true_top_order",
-    "verified_recall_cost",
-]
 
 
 def _real_vector(values: Any, arg: str) -> Tensor:

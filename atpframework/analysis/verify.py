@@ -49,8 +49,9 @@ class _Verifier:
         self.patchers = [(list(run.batch.pair_indices), ExactPatcher(run, nodes_per_pass)) for run in batch_runs(self.compiled, backend, metric)]
         self.n_pairs = len(self.compiled.pairs)
         first = self.patchers[0][1]
-        self.n_nodes, self.offsets = first.n_nodes, first.offsets
-        self.names = [b.name for b in self.compiled.bound]
+        self.numbering = first.numbering
+        self.n_nodes = first.n_nodes
+        self.names = list(self.numbering.names)
         for name, ns in result.nodes.items():
             if name not in self.names or tuple(ns.per_pair.shape[1:]) != self.compiled.bound[self.names.index(name)].shape:
                 raise PlanError(f"the result's node selection {name!r} does not match its own plan any more (edited file?)")
@@ -96,18 +97,15 @@ class _Verifier:
         """Patched rows so far, per prompt pair."""
         return sum(p.counts.rows for _, p in self.patchers) / self.n_pairs
 
-    def global_index(self, name: str, flat: Tensor) -> Tensor:
-        return flat + self.offsets[self.names.index(name)]
-
     def store(self, result: AttributionResult, nodes: Tensor, effects: Tensor, ranks: Tensor, info: dict[str, Any]) -> AttributionResult:
         """``result`` with ``nodes`` (global) verified as ``effects`` (``pair node``) added to what it had."""
         verified = dict(result.verified)
+        offsets = self.numbering.offsets
         for i, name in enumerate(self.names):
-            lo, hi = self.offsets[i], self.offsets[i + 1]
-            pick = (nodes >= lo) & (nodes < hi)
+            pick = (nodes >= offsets[i]) & (nodes < offsets[i + 1])
             if not pick.any():
                 continue
-            new = VerifiedNodes(nodes[pick] - lo, ranks[pick], effects[:, pick])
+            new = VerifiedNodes(nodes[pick] - offsets[i], ranks[pick], effects[:, pick])
             old = verified.get(name)
             if old is not None:
                 new = VerifiedNodes(torch.cat([old.index, new.index]), torch.cat([old.rank, new.rank]), torch.cat([old.effects, new.effects], 1))
@@ -121,12 +119,9 @@ def _as_result(result: ResultLike) -> AttributionResult:
 
 def verified_effects(result: AttributionResult) -> tuple[Tensor, Tensor, Tensor]:
     """Global node indices, ranks and ``pair node`` effects of every verified node, in verification order."""
-    names = list(result.nodes)
-    offsets = [0]
-    for name in names:
-        offsets.append(offsets[-1] + result[name].per_pair[0].numel())
-    parts = [(result.verified[n].index + offsets[i], result.verified[n].rank, result.verified[n].effects)
-             for i, n in enumerate(names) if n in result.verified]
+    numbering = result.numbering
+    parts = [(numbering.global_index(i, result.verified[n].index), result.verified[n].rank, result.verified[n].effects)
+             for i, n in enumerate(numbering.names) if n in result.verified]
     if not parts:
         n_pairs = len(result.metric_clean)
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(n_pairs, 0)
@@ -184,53 +179,17 @@ def _verify_with(
     progress: Callable[[int], None] | None,
 ) -> AttributionResult:
     nodes_per_pass = verifier.patchers[0][1].sets_per_pass
-    if (budget is None) == (not until_stable):
-        raise PlanError("verify: give either budget (a number of nodes) or until_stable, not both")
-    if budget is not None and budget < 1:
-        raise PlanError(f"verify budget: must be at least 1 (got {budget})")
-    if top < 1:
-        raise PlanError(f"verify top: must be at least 1 (got {top})")
-    patience = max(top, nodes_per_pass) if patience is None else patience
-    if patience < 1:
-        raise PlanError(f"verify patience: must be at least 1 (got {patience})")
+    patience = _checked_verify_options(budget, until_stable, top, patience, nodes_per_pass)
     threshold = default_threshold(result) if threshold is None else threshold
     order = ranking_from_scores(verifier.estimates(result))
     done_nodes, done_ranks, done_effects = verified_effects(result)
     todo = order[~torch.isin(order, done_nodes)]
-    next_rank = int(done_ranks.max()) + 1 if done_ranks.numel() else 0
     target = len(todo) if budget is None else min(budget, len(todo))
-
-    new_nodes: list[Tensor] = []
-    new_effects: list[Tensor] = []
-    top_set: frozenset[int] = frozenset()
-    stable_since, stopped = 0, "every node verified"
-    all_nodes, all_effects = done_nodes, done_effects
-    at = 0
-    while at < target:
-        chunk = todo[at : min(target, at + nodes_per_pass)]
-        effects = verifier.single_effects(chunk)
-        new_nodes.append(chunk)
-        new_effects.append(effects)
-        at += len(chunk)
-        if progress is not None:
-            progress(len(chunk))
-        if until_stable:
-            all_nodes = torch.cat([done_nodes, *new_nodes])
-            all_effects = torch.cat([done_effects, *new_effects], 1)
-            # position (in this run's order) at which each node entered the verified top set
-            for j in range(at - len(chunk), at):
-                strength = all_effects[:, : len(done_nodes) + j + 1].abs().mean(0)
-                current = frozenset(all_nodes[strength.argsort(descending=True)[:top]].tolist())
-                if current != top_set:
-                    top_set, stable_since = current, j + 1
-            if at - stable_since >= patience:
-                stopped = f"stable: the last {at - stable_since} verified nodes left the top {top} unchanged"
-                break
-    else:
-        if budget is not None and target == budget:
-            stopped = f"budget of {budget} nodes spent"
-    nodes = torch.cat(new_nodes) if new_nodes else torch.zeros(0, dtype=torch.long)
-    effects = torch.cat(new_effects, 1) if new_effects else torch.zeros(verifier.n_pairs, 0)
+    watch = _TopSetWatch(done_nodes, done_effects, top, patience) if until_stable else None
+    nodes, effects, stopped = _verify_in_order(verifier, todo[:target], nodes_per_pass, watch, progress)
+    if stopped is None:
+        stopped = f"budget of {budget} nodes spent" if budget is not None and target == budget else "every node verified"
+    next_rank = int(done_ranks.max()) + 1 if done_ranks.numel() else 0
     ranks = torch.arange(next_rank, next_rank + len(nodes))
     all_nodes, all_effects = torch.cat([done_nodes, nodes]), torch.cat([done_effects, effects], 1)
     info = {
@@ -244,6 +203,66 @@ def _verify_with(
         "created": now_utc(),
     }
     return verifier.store(result, nodes, effects, ranks, info)
+
+
+def _checked_verify_options(budget: int | None, until_stable: bool, top: int, patience: int | None, nodes_per_pass: int) -> int:
+    """Refuse inconsistent ``verify`` options (``PlanError`` naming the option); returns the patience to use."""
+    if (budget is None) == (not until_stable):
+        raise PlanError("verify: give either budget (a number of nodes) or until_stable, not both")
+    if budget is not None and budget < 1:
+        raise PlanError(f"verify budget: must be at least 1 (got {budget})")
+    if top < 1:
+        raise PlanError(f"verify top: must be at least 1 (got {top})")
+    patience = max(top, nodes_per_pass) if patience is None else patience
+    if patience < 1:
+        raise PlanError(f"verify patience: must be at least 1 (got {patience})")
+    return patience
+
+
+class _TopSetWatch:
+    """``until_stable``: the top ``top`` verified nodes by mean |effect|, and since when they have not changed."""
+
+    def __init__(self, done_nodes: Tensor, done_effects: Tensor, top: int, patience: int) -> None:
+        self.done_nodes, self.done_effects, self.top, self.patience = done_nodes, done_effects, top, patience
+        self.top_set: frozenset[int] = frozenset()
+        self.stable_since = 0
+        """How many of this run's verified nodes came before the top set last changed."""
+
+    def update(self, new_nodes: list[Tensor], new_effects: list[Tensor], at: int, chunk: int) -> str | None:
+        """After verifying ``at`` nodes, the last ``chunk`` of them new: why to stop, or None to go on."""
+        nodes = torch.cat([self.done_nodes, *new_nodes])
+        effects = torch.cat([self.done_effects, *new_effects], 1)
+        for j in range(at - chunk, at):  # position (in this run's order) at which each node entered the top set
+            strength = effects[:, : len(self.done_nodes) + j + 1].abs().mean(0)
+            current = frozenset(nodes[strength.argsort(descending=True)[: self.top]].tolist())
+            if current != self.top_set:
+                self.top_set, self.stable_since = current, j + 1
+        if at - self.stable_since >= self.patience:
+            return f"stable: the last {at - self.stable_since} verified nodes left the top {self.top} unchanged"
+        return None
+
+
+def _verify_in_order(
+    verifier: _Verifier, todo: Tensor, nodes_per_pass: int, watch: _TopSetWatch | None, progress: Callable[[int], None] | None
+) -> tuple[Tensor, Tensor, str | None]:
+    """Exact effects (``pair node``) of ``todo`` in order, ``nodes_per_pass`` at a time, until ``watch`` says stop;
+    returns the nodes verified, their effects and why it stopped early (None: it did not)."""
+    new_nodes: list[Tensor] = []
+    new_effects: list[Tensor] = []
+    stopped = None
+    at = 0
+    while at < len(todo) and stopped is None:
+        chunk = todo[at : at + nodes_per_pass]
+        new_nodes.append(chunk)
+        new_effects.append(verifier.single_effects(chunk))
+        at += len(chunk)
+        if progress is not None:
+            progress(len(chunk))
+        if watch is not None:
+            stopped = watch.update(new_nodes, new_effects, at, len(chunk))
+    nodes = torch.cat(new_nodes) if new_nodes else torch.zeros(0, dtype=torch.long)
+    effects = torch.cat(new_effects, 1) if new_effects else torch.zeros(verifier.n_pairs, 0)
+    return nodes, effects, stopped
 
 
 def confirmed_counts(nodes: Tensor, effects: Tensor, order: Tensor, threshold: float) -> dict[str, int]:
@@ -304,14 +323,7 @@ def diagnose(
     Returns the result (with any newly verified nodes stored) and the diagnosis.
     """
     result = _as_result(result)
-    samples = sorted(set(samples))
-    if not samples or samples[0] < 4:
-        raise PlanError(f"diagnose samples: each budget must be at least 4 (got {list(samples)})")
-    if not 0 < p < 1:
-        raise PlanError(f"diagnose p: must lie strictly between 0 and 1 (got {p})")
-    bad = [c for c in confidences if not 0 < c < 1]
-    if bad or not confidences:
-        raise PlanError(f"diagnose confidence: each must lie strictly between 0 and 1 (got {list(confidences)})")
+    samples = _checked_diagnose_options(samples, p, confidences)
     verifier = _Verifier(result, backend, model, saes, nodes_per_pass)
     if not 0 <= verified_top < verifier.n_nodes:
         raise PlanError(f"diagnose verified_top: must be in 0..{verifier.n_nodes - 1}, fewer than the {verifier.n_nodes} nodes")
@@ -347,3 +359,15 @@ def diagnose(
     )
     return result, diagnosis
 
+
+def _checked_diagnose_options(samples: Sequence[int], p: float, confidences: Sequence[float]) -> list[int]:
+    """Refuse bad ``diagnose`` options (``PlanError`` naming the option); returns the budgets, increasing."""
+    budgets = sorted(set(samples))
+    if not budgets or budgets[0] < 4:
+        raise PlanError(f"diagnose samples: each budget must be at least 4 (got {budgets})")
+    if not 0 < p < 1:
+        raise PlanError(f"diagnose p: must lie strictly between 0 and 1 (got {p})")
+    bad = [c for c in confidences if not 0 < c < 1]
+    if bad or not confidences:
+        raise PlanError(f"diagnose confidence: each must lie strictly between 0 and 1 (got {list(confidences)})")
+    return budgets

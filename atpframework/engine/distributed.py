@@ -8,8 +8,6 @@ Because batches are the unit of work and the assembly is the single-process one,
 single-process run's up to floating-point differences of the batch itself.
 """
 
-from __future__ import annotations
-
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +17,6 @@ import torch
 
 from atpframework.errors import AtpfError, PlanError
 from atpframework.plans.compiled import BatchOutput
-
-__all__ = ["Group", "all_outputs", "device_for_rank", "join", "launched", "leave", "open_shared", "shard"]
 
 T = TypeVar("T")
 

@@ -20,14 +20,9 @@ from atpframework.methods.base import get_method
 from atpframework.model.backend import AbstractBackend
 from atpframework.model.node import BindingContext, BoundNodes, bind_nodes
 from atpframework.plans.chunking import Chunking, choose_chunking, node_positions, parse_bytes
-from atpframework.plans.compiled import Batch, BatchOutput, BatchRun, BatchScores, CompiledPlan, PassStep, PreparedPair
+from atpframework.plans.compiled import Batch, BatchOutput, BatchRun, CompiledPlan, PreparedPair
 from atpframework.plans.metrics import NEEDS_ANSWER, Metric
 from atpframework.plans.plan import AttributionPlan
-
-__all__ = [  # the data classes live in compiled.py; importing them from here keeps working
-    "Batch", "BatchOutput", "BatchRun", "BatchScores", "CompiledPlan", "Executed", "PassStep", "PreparedPair",
-    "assemble", "batch_runs", "compile_plan", "report_problems", "run_batches",
-]
 
 
 def compile_plan(plan: AttributionPlan, backend: AbstractBackend) -> CompiledPlan:

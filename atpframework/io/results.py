@@ -105,6 +105,60 @@ class TopNode:
 
 
 @dataclass(frozen=True)
+class NodeNumbering:
+    """One number per node over several node selections, in order: the *global node index*.
+
+    Selection ``i``'s node at flat index ``n`` (row-major over its shape ``layer *axes``) is node
+    ``offsets[i] + n``. Verification, the exact patcher and the CLI's labels all count nodes this way.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """``offsets[i]``: the global index of selection ``i``'s first node; the last entry is the node count."""
+        out = [0]
+        for shape in self.shapes:
+            out.append(out[-1] + math.prod(shape))
+        return tuple(out)
+
+    @property
+    def n_nodes(self) -> int:
+        return self.offsets[-1]
+
+    def global_index(self, selection: int, flat: Tensor) -> Tensor:
+        """Global indices of selection ``selection``'s flat node indices ``flat``."""
+        return flat + self.offsets[selection]
+
+    def by_selection(self, nodes: Tensor) -> dict[int, Tensor]:
+        """Global indices ``nodes`` -> selection index -> those nodes' flat indices in it (selections without any left out)."""
+        offsets, out = self.offsets, {}
+        for i in range(len(self.names)):
+            pick = (nodes >= offsets[i]) & (nodes < offsets[i + 1])
+            if bool(pick.any()):
+                out[i] = (nodes[pick] - offsets[i]).long()
+        return out
+
+    def split(self, values: Tensor) -> dict[str, Tensor]:
+        """``... node`` over global indices -> per selection name ``... layer *axes``."""
+        offsets = self.offsets
+        return {
+            name: values[..., offsets[i] : offsets[i + 1]].reshape(values.shape[:-1] + shape)
+            for i, (name, shape) in enumerate(zip(self.names, self.shapes))
+        }
+
+    def locate(self, node: int) -> tuple[str, tuple[int, ...]]:
+        """The selection name and the coordinates (``layer *axes``) of global node ``node``."""
+        offsets = self.offsets
+        if not 0 <= node < offsets[-1]:
+            raise IndexError(f"node {node} out of range (0..{offsets[-1] - 1})")
+        i = max(j for j in range(len(self.names)) if offsets[j] <= node)
+        coords = torch.unravel_index(torch.tensor(node - offsets[i]), self.shapes[i])
+        return self.names[i], tuple(int(c) for c in coords)
+
+
+@dataclass(frozen=True)
 class AttributionResult:
     """Per-pair node effects with everything needed to reproduce and interpret them."""
 
@@ -143,6 +197,11 @@ class AttributionResult:
         if name not in self.nodes:
             raise KeyError(f"no node selection {name!r} in this result; have: {', '.join(self.nodes)}")
         return self.nodes[name]
+
+    @property
+    def numbering(self) -> NodeNumbering:
+        """The global node index over this result's selections, in file order."""
+        return NodeNumbering(tuple(self.nodes), tuple(tuple(ns.per_pair.shape[1:]) for ns in self.nodes.values()))
 
     def top_k(self, k: int = 10, how: Aggregate = "mean_abs", names: list[str] | None = None) -> list[TopNode]:
         """The ``k`` nodes with the largest ``|score|`` across the chosen selections (all by default).

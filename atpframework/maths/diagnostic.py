@@ -1,20 +1,20 @@
 """The AtP* diagnostic: subsampling of the unverified remainder and a Welch upper bound on what it hides.
 
 This module owns the statistics behind the diagnostic (method note §3 "Subsampling" and §5
-"The diagnostic"); it never runs a model. A caller hands :func:`subsample` an ``evaluate`` callback
+"The diagnostic"); it never runs a model. A caller hands ``subsample`` an ``evaluate`` callback
 that patches a batch of node subsets jointly and returns one scalar effect ``I(S)`` per subset.
 
-* :func:`subsample` draws Bernoulli(``p``) inclusion masks ``Bool[sample, node]`` over the remainder
+* ``subsample`` draws Bernoulli(``p``) inclusion masks ``Bool[sample, node]`` over the remainder
   ``R`` and accumulates, per node, running sums of the effects of the samples that include it
-  (``in``, the note's ``+``) and exclude it (``out``, ``-``) in a :class:`SubsetStats`.
-* :func:`subsampling_estimates` gives the Subsampling baseline's per-node scores: the difference of
+  (``in``, the note's ``+``) and exclude it (``out``, ``-``) in a ``SubsetStats``.
+* ``subsampling_estimates`` gives the Subsampling baseline's per-node scores: the difference of
   conditional means ``d_n = mean_in - mean_out`` (unbiased for additive effects) and its Welch
   standard error ``s_W = sqrt(s_in^2/N_in + s_out^2/N_out)``.
-* :func:`welch_bound` inverts the one-sided per-node Welch t-tests (combined by an intersection-union
+* ``welch_bound`` inverts the one-sided per-node Welch t-tests (combined by an intersection-union
   test) into the upper confidence bound
   ``theta* = max_n (|d_n| + s_W,n * t_{confidence, nu_n})`` with Welch-Satterthwaite degrees of
   freedom ``nu_n``: with that confidence no node of ``R`` has ``|c(n)| > theta*``.
-* :func:`student_t_quantile` is the Student-t quantile the bound needs (float64), from
+* ``student_t_quantile`` is the Student-t quantile the bound needs (float64), from
   ``scipy.stats.t``.
 
 Conventions for degenerate data (all per node):
@@ -28,8 +28,6 @@ Conventions for degenerate data (all per node):
 * zero variance in one group only is the ordinary Welch case (``nu = N - 1`` of the other group).
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,19 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = [
-    "Bound",
-    "SubsetStats",
-    "student_t_quantile",
-    "subsample",
-    "subset_masks",
-    "subsampling_estimates",
-    "welch_bound",
-    "welch_bounds",
-]
-
 _PRUNE_FROM = 4096
-"""Node count from which :func:`welch_bound` prunes nodes that cannot attain the maximum before solving
+"""Node count from which ``welch_bound`` prunes nodes that cannot attain the maximum before solving
 for their t quantiles (below it one vectorized solve over all nodes is cheaper)."""
 _FAR_TAIL_X = 1e-16
 """Where ``x = df/(df + t^2)`` is below this, the quantile comes from the t tail's leading term (exact there
@@ -152,7 +139,7 @@ class SubsetStats:
 
     Every tensor is float64 with shape ``(node,)``. ``in`` is the method note's ``+`` group (samples whose
     subset contains the node), ``out`` its ``-`` group. The sums are of ``effect - shift``: ``shift`` is
-    fixed by the first :meth:`update` to the mean of its effects, so that the sums of squares do not
+    fixed by the first ``update`` to the mean of its effects, so that the sums of squares do not
     cancel catastrophically when the effects share a large common offset; the derived means add it back.
     """
 
@@ -166,7 +153,7 @@ class SubsetStats:
     shift: float | None = None
 
     @classmethod
-    def zeros(cls, n_nodes: int, device: torch.device | str | None = None) -> SubsetStats:
+    def zeros(cls, n_nodes: int, device: torch.device | str | None = None) -> "SubsetStats":
         """Empty statistics over ``n_nodes`` nodes."""
         if n_nodes < 0:
             raise ValueError(f"n_nodes must be >= 0, got {n_nodes}")
@@ -247,7 +234,7 @@ class SubsetStats:
         return self.var_in() / self.count_in, self.var_out() / self.count_out
 
     def welch_se(self) -> Tensor:
-        """Welch standard error ``sqrt(s_in^2/N_in + s_out^2/N_out)`` of :meth:`difference`; NaN for invalid nodes."""
+        """Welch standard error ``sqrt(s_in^2/N_in + s_out^2/N_out)`` of ``difference``; NaN for invalid nodes."""
         v_in, v_out = self._welch_terms()
         return _sqrt(v_in + v_out)
 
@@ -267,7 +254,7 @@ def subset_masks(
     """Random subsets for Subsampling: ``Bool[sample, node]`` masks, each node included with probability ``p``.
 
     Yields ``n_samples`` rows in batches of at most ``batch_size``, drawn from ``generator`` (on its
-    device). The one place masks are drawn: the ``subsampling`` method, :func:`subsample` and the
+    device). The one place masks are drawn: the ``subsampling`` method, ``subsample`` and the
     diagnostic all use it, so one seed gives one sequence of subsets. Raises ``ValueError`` naming the
     parameter when ``p`` is not in (0, 1), ``n_samples < 0``, ``n_nodes < 1`` or ``batch_size < 1``.
     """
@@ -295,7 +282,7 @@ def subsample(
 ) -> SubsetStats:
     """Run the Subsampling algorithm: ``n_samples`` random subsets, each node included with probability ``p``.
 
-    Masks ``Bool[sample, node]`` come from :func:`subset_masks`; ``evaluate(masks)`` must return
+    Masks ``Bool[sample, node]`` come from ``subset_masks``; ``evaluate(masks)`` must return
     ``Float[sample]``, the effect of patching each row's nodes jointly. Statistics are accumulated in
     float64 on the generator's device, into ``stats`` when given (to continue sampling) or fresh ones.
     Raises ``ValueError`` naming the parameter when ``p`` is not in (0, 1), fewer than 4 samples would be
@@ -397,7 +384,7 @@ def welch_bound(stats: SubsetStats, confidence: float) -> Bound:
 
 
 def welch_bounds(stats: SubsetStats, confidences: Sequence[float]) -> list[Bound]:
-    """:func:`welch_bound` at each confidence level (the per-node statistics are computed once)."""
+    """``welch_bound`` at each confidence level (the per-node statistics are computed once)."""
     levels = [_check_confidence(c) for c in confidences]
     inputs = _welch_inputs(stats)
     return [_bound(*inputs, c, stats.n_samples) for c in levels]

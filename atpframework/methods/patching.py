@@ -19,6 +19,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from atpframework.io.results import NodeNumbering
 from atpframework.methods.base import AbstractMethod, noise_forward
 from atpframework.model.interventions import Intervention, Patch
 from atpframework.model.node import BoundNodes
@@ -64,31 +65,21 @@ class ExactPatcher:
         # the lowest model layer each node touches: where a pass patching it can start
         self._start = [self._node_start_layers(b) for b in self.bound]
         self.counts = PatchCounts()
-        sizes = [b.n_nodes for b in self.bound]
-        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-        """Global node index ``g`` of selection ``i``'s flat node ``n`` is ``offsets[i] + n``."""
+        self.numbering = NodeNumbering(tuple(b.name for b in self.bound), tuple(b.shape for b in self.bound))
+        """The global node index over the batch's selections (the result file's order)."""
 
     @property
     def n_nodes(self) -> int:
         """Nodes over all selections."""
-        return self.offsets[-1]
+        return self.numbering.n_nodes
 
     def node_set(self, nodes: Tensor) -> NodeSet:
         """The ``NodeSet`` of global node indices ``nodes``."""
-        out: NodeSet = {}
-        for i in range(len(self.bound)):
-            lo, hi = self.offsets[i], self.offsets[i + 1]
-            picked = nodes[(nodes >= lo) & (nodes < hi)] - lo
-            if picked.numel():
-                out[i] = picked.long()
-        return out
+        return self.numbering.by_selection(nodes)
 
     def split(self, values: Tensor) -> dict[str, Tensor]:
         """``... node`` over global node indices -> per selection name ``... layer *axes``."""
-        return {
-            b.name: values[..., self.offsets[i] : self.offsets[i + 1]].reshape(values.shape[:-1] + b.shape)
-            for i, b in enumerate(self.bound)
-        }
+        return self.numbering.split(values)
 
     def _node_start_layers(self, b: BoundNodes) -> Tensor:
         entry_start = torch.tensor([min(b.site(layer).layer for layer in entry) for entry in b.layers.entries])

@@ -10,9 +10,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from atpframework import AbstractMethod, MethodConfig
+from atpframework import AbstractMethod, BatchRun, BatchScores, CompiledPlan, MethodConfig, PassStep
 from atpframework.methods.patching import ExactPatcher
-from atpframework.plans.compiled import BatchRun, BatchScores, CompiledPlan, PassStep
 
 
 class ZeroAblationConfig(MethodConfig):
