@@ -42,7 +42,6 @@ from einops import einsum
 from torch import Tensor, nn
 
 from atpframework import plugins
-from atpframework.backends.transformer_lens import site_of_tl_hook_name
 from atpframework.errors import BackendError, PlanError, PluginError
 from atpframework.model.backend import (
     AbstractBackend,
@@ -56,6 +55,7 @@ from atpframework.model.bundled import BUNDLED_PREFIX, bundled_model_dir
 from atpframework.model.sites import SITE_NAMES, Site
 
 from .tokenizers import tokenize_text, tokenizer_adds_bos, usable_tokenizer
+from .transformer_lens import site_of_tl_hook_name
 
 _ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 _DEVICE_MAPS = ("none", "auto", "balanced", "balanced_low_0", "sequential")

@@ -6,10 +6,10 @@ never through atpframework's hooks.
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from atpframework import Intervention, Site
 from atpframework.backends.transformer_lens import TransformerLensBackend
-from conftest import tiny_model
 
 TOKENS = torch.tensor([[1, 5, 9, 2, 7, 3], [4, 4, 8, 1, 6, 2]])
 

@@ -37,6 +37,7 @@ from atpframework.model.backend import AbstractBackend, SiteHook, apply_site_hoo
 from atpframework.model.interventions import Intervention, Patch
 from atpframework.model.sites import Site
 
+
 @dataclass(frozen=True)
 class AttachedSae:
     """One SAE of a plan, loaded and placed."""
