@@ -292,11 +292,14 @@ class FirstOrder(AbstractMethod[ConfigT]):
         full = tuple(Site("attn_k", layer) for layer in layout.joint_layers) if first else ()
         noise_acts, metric_noise = noise_forward(run, positions=positions, full=full)
         gradients = _GradientPass(run, layout, scores, positions, first, noise_acts)
-        with torch.enable_grad():
-            metric_clean = gradients.clean_forward()
-            floor = gradients.plain_backward(metric_clean)
-            for n in range(len(layout.active)):
-                gradients.restarted_backward(n, floor)
+        try:
+            with torch.enable_grad():
+                metric_clean = gradients.clean_forward()
+                floor = gradients.plain_backward(metric_clean)
+                for n in range(len(layout.active)):
+                    gradients.restarted_backward(n, floor)
+        finally:
+            gradients.release()
         return metric_clean.detach(), metric_noise
 
 
@@ -317,13 +320,11 @@ class _GradientPass:
     ) -> None:
         self.run, self.layout, self.scores, self.positions, self.first = run, layout, scores, positions, first
         self.noise_acts = noise_acts
-        self.clean = Intervention()
-        for site in layout.contributors:
-            self.clean.receive_gradient(site, partial(self._on_grad, site))
-        for site in {layout.terms[t].cotangent for t in layout.active}:
-            self.clean.receive_gradient(site, partial(self._keep_plain_grad, site))
-        self.tensors = self.clean.capture((*layout.value_sites, *layout.restart_sites), keep_graph=True)
+        self.tensors: dict[Site, Tensor] = {}
         """Clean activations (in the graph) at every site of the pass, filled by ``clean_forward``."""
+        self.leaves: list[Tensor] = []
+        """Activations ``clean_forward`` made leaves of the graph (not downstream of the floor: the backward
+        passes must ask for them)."""
         self.values: dict[Site, Tensor] = {}
         """Detached clean activations the QK fix reads."""
         self.deltas: dict[Site, Tensor] = {}
@@ -339,8 +340,17 @@ class _GradientPass:
     # ------------------------------------------------------------- the steps
     def clean_forward(self) -> Tensor:
         """The clean forward; returns the per-pair metric, its graph kept."""
-        run = self.run
-        logits = self.clean.run(run.backend, run.clean_tokens)
+        run, layout = self.run, self.layout
+        # built here and dropped on return: its receivers refer to this object, which must not refer back
+        # to them (a reference cycle would keep every activation of the pass alive until the next GC)
+        clean = Intervention()
+        for site in layout.contributors:
+            clean.receive_gradient(site, partial(self._on_grad, site))
+        for site in {layout.terms[t].cotangent for t in layout.active}:
+            clean.receive_gradient(site, partial(self._keep_plain_grad, site))
+        self.tensors = clean.capture((*layout.value_sites, *layout.restart_sites), keep_graph=True)
+        logits = clean.run(run.backend, run.clean_tokens)
+        self.leaves = clean.leaves
         metric_clean = run.metric(logits, run.metric_inputs(run.clean_tokens))
         del logits
         if not metric_clean.requires_grad:
@@ -355,7 +365,7 @@ class _GradientPass:
         """d(sum of per-pair metric)/d(site) down to the floor, scored on arrival; returns the floor tensors."""
         layout = self.layout
         floor = [self.tensors[s] for s in layout.floor]
-        floor += [leaf for leaf in self.clean.leaves if all(leaf is not t for t in floor)]  # not downstream of the floor
+        floor += [leaf for leaf in self.leaves if all(leaf is not t for t in floor)]
         torch.autograd.grad(metric_clean.sum(), floor, retain_graph=bool(layout.active), allow_unused=True)
         _check_arrivals(set(layout.contributors), self.fired, "")
         return floor
@@ -377,6 +387,17 @@ class _GradientPass:
         self.attention.release_from(term.layer)  # later (lower) terms never reach this layer's attention
         if all(layout.terms[later].cotangent != term.cotangent for later in layout.active[n + 1 :]):
             del self.plain_grads[term.cotangent]
+
+    def release(self) -> None:
+        """Drop every activation, gradient and table of the pass. The activations' gradient receivers
+        refer to this object, so it and the graph would otherwise keep each other alive (through the
+        autograd graph, where Python's garbage collector cannot see): every pass's activations would
+        stay in memory."""
+        self.tensors, self.leaves = {}, []
+        self.deltas.clear()
+        self.values.clear()
+        self.plain_grads.clear()
+        self.attention.release_from(0)
 
     # ------------------------------------------------------------- gradient arrival
     def _on_grad(self, site: Site, grad: Tensor) -> None:

@@ -17,9 +17,9 @@ Glossary:
     vocab:   output logit axis.
 """
 
-from typing import Literal
+from typing import Literal, get_args
 
 DimName = Literal["pair", "batch", "pos", "key_pos", "layer", "head", "d_head", "d_model", "neuron", "latent", "vocab"]
 """Every axis name atpframework itself writes into shapes and result metadata (node plugins may add more)."""
 
-DIM_NAMES: tuple[str, ...] = DimName.__args__  # type: ignore[attr-defined]
+DIM_NAMES: tuple[str, ...] = get_args(DimName)

@@ -22,12 +22,12 @@ attach to any site (``sae.py``).
 """
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 SiteName = Literal["resid", "attn_z", "attn_q", "attn_k", "attn_v", "mlp_post", "resid_mid", "attn_out", "mlp_out", "mlp_in"]
 """Names of every built-in activation site."""
 
-SITE_NAMES: tuple[str, ...] = SiteName.__args__  # type: ignore[attr-defined]
+SITE_NAMES: tuple[str, ...] = get_args(SiteName)
 
 
 @dataclass(frozen=True, order=True)
