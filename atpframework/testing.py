@@ -19,6 +19,9 @@ plugin got wrong; it returns a dict of what it measured. What is checked:
 * **result round trip**: the result saved and loaded again holds the same scores and metadata;
 * **cost accounting**: the method's ``cost`` is the sum of the steps ``--dry-run`` prints, and the
   forward passes a batch really runs equal the forward steps it declares;
+* **memory**: once a batch is done, none of its tensors stays alive (a gradient receiver that refers
+  to an object holding the activations keeps the autograd graph alive, where the garbage collector
+  cannot free it);
 * **exactness where it is claimed**: on a one-layer model without normalization the metric is
   linear in the residual stream, head outputs and values, so a method that says it is ``exact`` or
   ``exact_where_linear`` must agree with exact patching there (to float32 rounding); node types and
@@ -27,6 +30,7 @@ plugin got wrong; it returns a dict of what it measured. What is checked:
 The tiny models need ``transformer_lens`` (``pip install 'atpframework[tl]'``).
 """
 
+import gc
 import math
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -39,6 +43,7 @@ from torch import Tensor, nn
 
 from atpframework.api import as_plan, load_backend, run
 from atpframework.api import compile as compile_plan
+from atpframework.engine.runner import batch_runs
 from atpframework.io.results import SIGN_CONVENTION, load_result
 from atpframework.methods.base import get_method
 from atpframework.model.backend import AbstractBackend
@@ -99,6 +104,7 @@ def check_method(name: str, options: Mapping[str, Any] | None = None, nodes: lis
     report["hooks"] = _check_hooks(lambda: tl_backend(tiny_model()), plan)
     report["round_trip"] = _check_round_trip(plan, tiny_model())
     report["cost"] = _check_cost(plan, tiny_model())
+    report["tensors_left"] = _check_nothing_left_alive(plan, tiny_model())
     implementation = get_method(name)
     if not (implementation.exact or implementation.exact_where_linear):
         report["linear"] = "skipped: the method claims exactness nowhere (exact and exact_where_linear are False)"
@@ -229,6 +235,29 @@ def _check_round_trip(plan: dict[str, Any], model: nn.Module | None, backend: Ab
     if not (torch.equal(result.metric_clean, loaded.metric_clean) and torch.equal(result.metric_noise, loaded.metric_noise)):
         raise AssertionError("metrics changed in a save/load round trip")
     return len(result.nodes)
+
+
+def _check_nothing_left_alive(plan: dict[str, Any], model: nn.Module) -> int:
+    """Three batches after a warm-up one leave exactly the tensors there were before them."""
+    backend = tl_backend(model)
+    compiled = compile_plan(plan, backend=backend)
+    batch = next(iter(batch_runs(compiled, backend, resolve_metric(compiled.plan.metric, None))))
+    compiled.method.run_batch(batch)  # warm-up: caches that live as long as the model fill once
+
+    def live() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if torch.is_tensor(o) and not isinstance(o, nn.Parameter))
+
+    before = live()
+    for _ in range(3):
+        compiled.method.run_batch(batch)
+    left = live() - before
+    if left:
+        raise AssertionError(
+            f"method {compiled.method.name!r} leaves {left} tensors alive after three batches (reference cycles through the "
+            "autograd graph: drop what the gradient receivers refer to once the backward passes are done)"
+        )
+    return left
 
 
 def _check_cost(plan: dict[str, Any], model: nn.Module) -> dict[str, float]:

@@ -261,8 +261,9 @@ def test_both_built_in_backends_pass_the_conformance_kit(backend, hf_dir):
     assert report["brute_force"] < 1e-4 and report["hooks"]["interrupted_runs"] == 3
 
 
-def test_the_conformance_kit_catches_a_method_that_leaks_hooks_or_miscounts_passes():
-    """The kit can fail: a method whose forward hooks stay behind, and one that runs a pass it does not declare."""
+def test_the_conformance_kit_catches_a_method_that_leaks_hooks_or_tensors_or_miscounts_passes():
+    """The kit can fail: a method whose forward hooks stay behind, one that runs a pass it does not declare,
+    and one that keeps each batch's tensors alive."""
     from atpframework.methods.patching import ActivationPatching
     from atpframework.testing import check_method
 
@@ -276,7 +277,16 @@ def test_the_conformance_kit_catches_a_method_that_leaks_hooks_or_miscounts_pass
             run.backend.forward(run.clean_tokens, {})  # an undeclared extra pass
             return super().run_batch(run)
 
-    for cls, message in ((Leaky, "hooks left on the model"), (Miscounted, "forward passes; the plan's steps declare")):
+    kept = []
+
+    class Hoarding(ActivationPatching):
+        def run_batch(self, run):
+            scores = super().run_batch(run)
+            kept.append(scores.metric_clean)  # every batch's tensors stay alive
+            return scores
+
+    for cls, message in ((Leaky, "hooks left on the model"), (Miscounted, "forward passes; the plan's steps declare"),
+                         (Hoarding, "leaves 3 tensors alive after three batches")):
         plugins.unregister("methods", "activation_patching")
         plugins.register("methods", "activation_patching", cls)
         try:
