@@ -25,7 +25,7 @@ import click
 
 from atpframework.engine.outputs import check_writable
 from atpframework.errors import MAX_MESSAGE, AtpfError, PlanError, SchemaError, shorten
-from atpframework.io.results import SIGN_CONVENTION
+from atpframework.io.results import GRADDROP_CONVENTION, SIGN_CONVENTION
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -337,9 +337,12 @@ def _quiet_model_libraries() -> None:
 
 
 def _score_name(result: Any, aggregate: str) -> str:
-    if result.sign_convention != SIGN_CONVENTION:  # GradDrop scores: non-negative already
+    """What the ranking column holds: GradDrop scores (non-negative already), activation-patching effects, or
+    the scores of a method with a convention of its own (a plugin's, e.g. zero ablation)."""
+    if result.sign_convention == GRADDROP_CONVENTION:
         return "mean GradDrop score"
-    return "mean |effect|" if aggregate == "mean_abs" else "signed mean effect"
+    noun = "effect" if result.sign_convention == SIGN_CONVENTION else "score"
+    return f"mean |{noun}|" if aggregate == "mean_abs" else f"signed mean {noun}"
 
 
 def _format_verified(result: Any, top: int) -> str:

@@ -207,6 +207,7 @@ def test_a_third_party_method_installs_appears_in_the_schema_and_runs_from_a_jso
     proc = subprocess.run([sys.executable, "-m", "atpframework", "plan.json", "-o", "out.safetensors"],
                           cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "nodes by mean |score|" in proc.stdout and "GradDrop" not in proc.stdout  # named as its own scores
     result = af.load_result(tmp_path / "out.safetensors")
     assert result.method == "zero_ablation" and result.sign_convention.startswith("effect = metric(clean run with node <- 0)")
     reference = _zero_ablation_reference(hf_dir, plan)
