@@ -228,3 +228,41 @@ def test_save_replaces_an_existing_file_and_creates_parent_dirs(saved, tmp_path)
     assert sorted(os.listdir(dest.parent)) == ["r.safetensors"]
     meta = json.loads(af.load_result(dest).plan_json)
     assert meta["method"]["name"] == "atp"
+
+
+@pytest.mark.filterwarnings("ignore::pandas.errors.PerformanceWarning")
+def test_to_dataframe_equals_a_row_by_row_reading_of_the_result(saved):
+    """Every row against the result read node by node here; verified effects where a verification stored them."""
+    pytest.importorskip("pandas")
+    import dataclasses
+
+    from atpframework.io.results import VerifiedNodes
+
+    result, _ = saved
+    heads = result["attn_head"].per_pair
+    picked = torch.tensor([3, 0, 11])
+    effects = torch.randn(heads.shape[0], 3)
+    result = dataclasses.replace(result, verified={"attn_head": VerifiedNodes(picked, torch.arange(3), effects)})
+    df = result.to_dataframe()
+    row = 0
+    for name, ns in result.nodes.items():
+        shape = ns.per_pair.shape[1:]
+        for flat in range(ns.per_pair[0].numel()):
+            coords = [int(c) for c in torch.unravel_index(torch.tensor(flat), shape)]
+            got = df.iloc[row]
+            assert got["name"] == name and got["kind"] == ns.kind
+            for dim, c in zip(ns.dims[1:], coords):
+                assert got[dim] == ("all" if ns.index[dim] == "all" else ns.index[dim][c])
+            values = ns.per_pair[(slice(None), *coords)]
+            assert got["score"] == pytest.approx(float(values.abs().mean()), rel=1e-6)
+            assert got["signed_mean"] == pytest.approx(float(values.mean()), rel=1e-6, abs=1e-9)
+            if name == "attn_head" and flat in picked.tolist():
+                expected = float(effects[:, picked.tolist().index(flat)].mean())
+                assert got["verified_effect"] == pytest.approx(expected, rel=1e-6)
+            else:
+                assert got["verified_effect"] != got["verified_effect"]  # NaN: not verified
+            row += 1
+    assert row == len(df)
+    indexed = result.to_dataframe(index=True)
+    assert indexed.index.names[:2] == ["name", "layer"] and "score" in indexed.columns and len(indexed) == len(df)
+    assert indexed.loc[("attn_head", 1, -1, 2), "score"].item() == pytest.approx(float(heads[:, 1, 1, 2].abs().mean()))
