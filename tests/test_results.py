@@ -266,3 +266,29 @@ def test_to_dataframe_equals_a_row_by_row_reading_of_the_result(saved):
     indexed = result.to_dataframe(index=True)
     assert indexed.index.names[:2] == ["name", "layer"] and "score" in indexed.columns and len(indexed) == len(df)
     assert indexed.loc[("attn_head", 1, -1, 2), "score"].item() == pytest.approx(float(heads[:, 1, 1, 2].abs().mean()))
+
+
+def test_results_and_their_top_nodes_print_short_readable_tables(saved):
+    result, _ = saved
+    text = repr(result)
+    assert len(text) < 400 and "\n" not in text  # was a 10 kB dump of every tensor
+    assert "method='atp'" in text and "metric='logit_diff'" in text and "attn_head 2x2x4" in text and "resid 2x6" in text and "pairs=2" in text
+    assert f"clean={float(result.metric_clean.mean()):.4g}" in text
+
+    top = result.top_k(4)
+    assert isinstance(top, list) and len(top) == 4 and all(isinstance(r, type(top[0])) for r in top)
+    lines = repr(top).splitlines()
+    assert lines[0].split() == ["rank", "node", "mean", "|score|", "signed", "mean"]
+    expected = sorted(
+        ((float(ns.per_pair[(slice(None), *idx)].abs().mean()), name) for name, ns in result.nodes.items()
+         for idx in torch.cartesian_prod(*[torch.arange(s) for s in ns.per_pair.shape[1:]]).view(-1, ns.per_pair.dim() - 1).tolist()),
+        key=lambda x: -x[0],
+    )[:4]
+    for line, row, (score, name) in zip(lines[1:], top, expected):
+        assert line.split()[1] == name and float(line.split()[-2]) == pytest.approx(score, rel=1e-4)
+        assert row.label() in line
+
+    html = top._repr_html_()
+    assert html.count("<tr>") == 1 + 4 and "<th>signed mean</th>" in html
+    page = result._repr_html_()
+    assert "logit_diff" in page and page.count("<tr>") >= 10  # the facts, then the top 10 nodes

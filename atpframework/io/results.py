@@ -14,8 +14,10 @@ claims against the stored tensors before allocating anything, and refuses malfor
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from html import escape
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
@@ -102,6 +104,30 @@ class TopNode:
             short = {"layer": "L", "head": "H", "pos": "P", "neuron": "N"}.get(dim, dim)
             parts.append(f"{short}{value}" if value != "all" else f"{short}*")
         return f"{self.name} " + " ".join(parts)
+
+
+class TopNodes(list[TopNode]):
+    """``AttributionResult.top_k``'s rows: a list of ``TopNode`` that prints as a table (and as an HTML table
+    in a notebook)."""
+
+    def __init__(self, rows: Iterable[TopNode] = (), score_name: str = "score") -> None:
+        super().__init__(rows)
+        self.score_name = score_name
+
+    def _table(self) -> list[tuple[str, str, str, str]]:
+        return [(str(i), row.label(), f"{row.score:.5g}", f"{row.signed_mean:.5g}") for i, row in enumerate(self, start=1)]
+
+    def __repr__(self) -> str:
+        header = ("rank", "node", self.score_name, "signed mean")
+        rows = [header, *self._table()]
+        widths = [max(len(r[c]) for r in rows) for c in range(4)]
+        lines = [f"{r[0]:>{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}" for r in rows]
+        return "\n".join(lines) if self else "(no nodes)"
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{escape(h)}</th>" for h in ("rank", "node", self.score_name, "signed mean"))
+        body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in self._table())
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 @dataclass(frozen=True)
@@ -203,7 +229,7 @@ class AttributionResult:
         """The global node index over this result's selections, in file order."""
         return NodeNumbering(tuple(self.nodes), tuple(tuple(ns.per_pair.shape[1:]) for ns in self.nodes.values()))
 
-    def top_k(self, k: int = 10, how: Aggregate = "mean_abs", names: list[str] | None = None) -> list[TopNode]:
+    def top_k(self, k: int = 10, how: Aggregate = "mean_abs", names: list[str] | None = None) -> TopNodes:
         """The ``k`` nodes with the largest ``|score|`` across the chosen selections (all by default).
 
         The order is fixed: nonzero scores by ``|score|`` descending, then zero scores, then NaN scores last of
@@ -226,7 +252,28 @@ class AttributionResult:
                 named = {dim: _label(ns.index[dim], int(c)) for dim, c in zip(ns.dims[1:], coords)}
                 rows.append(TopNode(name, ns.kind, named, s, m))
         rows.sort(key=lambda r: (math.isnan(r.score), -abs(r.score)))  # stable: ties keep the order above
-        return rows[:k]
+        return TopNodes(rows[:k], "mean |score|" if how == "mean_abs" else "signed mean score")
+
+    def __repr__(self) -> str:
+        """One line: method, metric, model, pairs, selections with their shapes, and the mean metrics."""
+        selections = ", ".join(f"{name} {'x'.join(map(str, ns.per_pair.shape[1:]))}" for name, ns in self.nodes.items())
+        verified = sum(len(v.index) for v in self.verified.values())
+        return (
+            f"AttributionResult(method={self.method!r}, metric={self.metric!r}, model={self.model.get('source', '?')!r}, "
+            f"pairs={len(self.metric_clean)}, nodes=[{selections}], clean={float(self.metric_clean.mean()):.4g}, "
+            f"noise={float(self.metric_noise.mean()):.4g}" + (f", verified={verified}" if verified else "") + ")"
+        )
+
+    def _repr_html_(self) -> str:
+        """A notebook summary: method, metric, model, the mean metrics and the top 10 nodes."""
+        facts = {
+            "method": self.method, "metric": self.metric, "model": str(self.model.get("source", "?")),
+            "prompt pairs": str(len(self.metric_clean)),
+            "metric (mean)": f"clean {float(self.metric_clean.mean()):.4g}, noise {float(self.metric_noise.mean()):.4g}",
+            "nodes": ", ".join(f"{name} ({ns.per_pair[0].numel()})" for name, ns in self.nodes.items()),
+        }
+        rows = "".join(f"<tr><th style='text-align:left'>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in facts.items())
+        return f"<div><b>AttributionResult</b><table>{rows}</table>{self.top_k(10)._repr_html_()}</div>"
 
     def to_dataframe(self, how: Aggregate = "mean_abs", index: bool = False) -> Any:
         """A pandas DataFrame with one row per node, in global node order: ``name``, ``kind``, one column per
