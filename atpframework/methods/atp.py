@@ -312,7 +312,7 @@ class _GradientPass:
     keeps the plain backward's gradient. ``plain_backward`` takes the gradient of the summed metric
     down to the lowest node layer; ``restarted_backward(n)`` restarts it below the ``n``-th active
     GradDrop term, with that write's gradient dropped. Each backward checks that a gradient arrived
-    at exactly the sites it must reach.
+    at exactly the sites it must reach. ``release`` drops the activations when the passes are done.
     """
 
     def __init__(
@@ -341,8 +341,8 @@ class _GradientPass:
     def clean_forward(self) -> Tensor:
         """The clean forward; returns the per-pair metric, its graph kept."""
         run, layout = self.run, self.layout
-        # built here and dropped on return: its receivers refer to this object, which must not refer back
-        # to them (a reference cycle would keep every activation of the pass alive until the next GC)
+        # built here and dropped on return: afterwards only the activations' own gradient hooks refer to this
+        # object (through the receivers), a cycle that ``release`` breaks once the backward passes are done
         clean = Intervention()
         for site in layout.contributors:
             clean.receive_gradient(site, partial(self._on_grad, site))
