@@ -251,6 +251,8 @@ def diagnose_command(result_path: str, verified_top: int, samples: str, confiden
         click.echo(_render(table))
         click.echo(f"(no unverified node's mean |effect| exceeds the bound, at that confidence; "
                    f"{diagnosis.forward_equivalents_per_pair:g} forward passes per pair; {time.perf_counter() - started:.1f}s)")
+        for warning in diagnosis.warnings():
+            click.echo(f"warning: {warning}")
         if json_path:
             write_text_atomically(json_path, json.dumps(diagnosis.as_json(), indent=2))
         if plot:

@@ -171,6 +171,24 @@ def test_diagnose_bound_shrinks_with_samples_and_covers_the_remainder():
     assert diagnosis.bounds[0.99][-1][1] > diagnosis.bounds[0.9][-1][1]
 
 
+def test_diagnosis_warns_when_its_bound_says_little():
+    """Each warning against bounds written here: infinite, not shrinking, above the verified effects; none
+    for a bound that shrinks below every verified effect."""
+    from atpframework.analysis.verify import Diagnosis
+
+    def diagnosis(bounds, verified=(2.0, 1.0)):
+        return Diagnosis(5, 100, 0.5, bounds, {c: 0 for c in bounds}, torch.tensor(verified), 1.0)
+
+    assert diagnosis({0.9: [(50, 0.8), (400, 0.3)]}).warnings() == []
+    (infinite,) = diagnosis({0.9: [(4, float("inf"))]}).warnings()
+    assert infinite.startswith("bound@0.9 is infinite at 4 samples")
+    (flat,) = diagnosis({0.9: [(50, 0.5), (400, 0.5)]}).warnings()
+    assert "did not shrink with more samples (0.5 at 50 -> 0.5 at 400)" in flat
+    grew, above = diagnosis({0.99: [(50, 1.94), (400, 2.07)]}).warnings()  # the case users met on SmolLM2
+    assert grew.startswith("bound@0.99 did not shrink") and "2.07 is not below the largest verified mean |effect| 2" in above
+    assert diagnosis({0.9: [(50, 0.8), (400, 0.3)]}).as_json()["warnings"] == []
+
+
 # ------------------------------------------------------------------ comparison
 def test_compare_curves_follow_the_rankings(tmp_path):
     model = tiny_model()

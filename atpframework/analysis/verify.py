@@ -14,6 +14,7 @@ subset is its mean over the prompt pairs) and reports the Welch upper bound on a
 """
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -294,9 +295,29 @@ class Diagnosis:
     """``verified``: mean |effect| of the verified nodes, descending."""
     forward_equivalents_per_pair: float
 
+    def warnings(self) -> list[str]:
+        """Why a bound says little, per confidence: infinite (too few samples), not shrinking between the
+        smallest and the largest sample budget, or above the largest verified effect (so it does not show
+        that the unverified nodes matter less than the verified ones). Empty: none of these."""
+        out = []
+        largest = float(self.verified_effects[0]) if len(self.verified_effects) else None
+        for confidence, rows in self.bounds.items():
+            (first_n, first), (last_n, last) = rows[0], rows[-1]
+            at = f"bound@{confidence:g}"
+            if math.isinf(last):
+                out.append(f"{at} is infinite at {last_n} samples: too few samples per node; raise --samples")
+                continue
+            if len(rows) > 1 and last >= first:
+                out.append(f"{at} did not shrink with more samples ({first:.5g} at {first_n} -> {last:.5g} at {last_n}): "
+                           "more samples will not make it informative; verify more nodes (--verified-top) instead")
+            if largest is not None and last >= largest:
+                out.append(f"{at} = {last:.5g} is not below the largest verified mean |effect| {largest:.5g}: it does not "
+                           "show that the unverified nodes matter less than the verified ones")
+        return out
+
     def as_json(self) -> dict[str, Any]:
         return {
-            "verified_top": self.verified_top, "remainder": self.remainder, "p": self.p,
+            "verified_top": self.verified_top, "remainder": self.remainder, "p": self.p, "warnings": self.warnings(),
             "bounds": {str(c): [[n, t] for n, t in b] for c, b in self.bounds.items()},
             "worst_node": {str(c): n for c, n in self.worst_node.items()},
             "largest_verified_effect": float(self.verified_effects[0]) if len(self.verified_effects) else None,
