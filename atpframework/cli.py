@@ -12,23 +12,20 @@ No traceback unless ``--debug``.
 """
 
 import functools
-import io
 import json
 import os
 import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from atpframework.engine.outputs import check_writable
 from atpframework.errors import MAX_MESSAGE, AtpfError, PlanError, SchemaError, shorten
 from atpframework.io.results import GRADDROP_CONVENTION, SIGN_CONVENTION
-
-if TYPE_CHECKING:
-    from rich.table import Table
+from atpframework.io.tables import render_table, text_table
 
 
 class _PlanFirstGroup(click.Group):
@@ -244,11 +241,11 @@ def diagnose_command(result_path: str, verified_top: int, samples: str, confiden
         click.echo(f"verified top {diagnosis.verified_top}; largest verified mean |effect| "
                    f"{float(diagnosis.verified_effects[0]) if len(diagnosis.verified_effects) else float('nan'):.5f}; "
                    f"{diagnosis.remainder} unverified nodes, subsets with p={diagnosis.p}")
-        table = _table("samples", *(f"bound@{c:g}" for c in diagnosis.bounds))
+        table = text_table("samples", *(f"bound@{c:g}" for c in diagnosis.bounds))
         budgets = [n for n, _ in next(iter(diagnosis.bounds.values()))]
         for row, n in enumerate(budgets):
             table.add_row(str(n), *(f"{b[row][1]:.5f}" for b in diagnosis.bounds.values()))
-        click.echo(_render(table))
+        click.echo(render_table(table))
         click.echo(f"(no unverified node's mean |effect| exceeds the bound, at that confidence; "
                    f"{diagnosis.forward_equivalents_per_pair:g} forward passes per pair; {time.perf_counter() - started:.1f}s)")
         for warning in diagnosis.warnings():
@@ -360,11 +357,11 @@ def _format_verified(result: Any, top: int) -> str:
         + (", ".join(f"{k.removeprefix('top_')}: {v}" for k, v in info["confirmed"].items()) or "n/a (fewer than 10 verified)"),
         f"top {top} verified nodes by exact mean |effect|:",
     ]
-    table = _table("rank", "<node", "mean |effect|", "<verified", show_header=False)
+    table = text_table("rank", "<node", "mean |effect|", "<verified", show_header=False)
     labels = _global_labels(result)
     for rank, i in enumerate(strength.argsort(descending=True)[:top].tolist(), start=1):
         table.add_row(str(rank), labels(int(nodes[i])), f"{float(strength[i]):.5f}", f"(verified #{int(ranks[i]) + 1})")
-    return "\n".join(lines) + ("\n" + _render(table) if table.rows else "")
+    return "\n".join(lines) + ("\n" + render_table(table) if table.rows else "")
 
 
 def _global_labels(result: Any) -> Callable[[int], str]:
@@ -389,30 +386,7 @@ def _format_top(result: Any, top: int, aggregate: str) -> str:
         f"method {result.method}, metric {result.metric}: clean {mc:.4f}, noise {mn:.4f} (mean over {n_pairs} pair(s))",
         f"top {top} nodes by {_score_name(result, aggregate)}:",
     ]
-    table = _table("rank", "<node", "score", "signed mean")
+    table = text_table("rank", "<node", "score", "signed mean")
     for rank, row in enumerate(result.top_k(top, how=aggregate), start=1):
         table.add_row(str(rank), row.label(), f"{row.score:.5f}", f"{row.signed_mean:.5f}")
-    return "\n".join(lines) + "\n" + _render(table)
-
-
-def _table(*columns: str, show_header: bool = True) -> "Table":
-    """A borderless rich table with these columns: right-aligned, or left-aligned when named ``"<name"``."""
-    from rich.table import Table
-
-    table = Table(box=None, pad_edge=False, show_header=show_header, header_style=None)
-    for name in columns:
-        left = name.startswith("<")
-        table.add_column(name.removeprefix("<"), justify="left" if left else "right", min_width=4)
-    return table
-
-
-def _render(table: "Table") -> str:
-    """The table as plain text (no colours, markup or emoji codes, whatever the terminal), columns two spaces
-    apart, no trailing spaces; wide enough that no cell is wrapped or cut."""
-    from rich.console import Console
-
-    console = Console(width=1_000_000, color_system=None, force_terminal=False, force_jupyter=False, no_color=True,
-                      markup=False, emoji=False, highlight=False, file=io.StringIO())
-    with console.capture() as captured:
-        console.print(table)
-    return "\n".join(line.rstrip() for line in captured.get().splitlines())
+    return "\n".join(lines) + "\n" + render_table(table)

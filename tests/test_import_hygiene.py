@@ -177,7 +177,7 @@ def test_the_package_import_graph_has_no_cycle():
 
 LAYERS = [
     ("foundations", ["errors", "version", "plugins"]),
-    ("io", ["io", "io.files", "io.results"]),
+    ("io", ["io", "io.files", "io.tables", "io.results"]),
     ("model", ["model", "model.dims", "model.sites", "model.backend", "model.node", "model.interventions", "model.sae", "model.bundled"]),
     ("plans", ["plans", "plans.chunking", "plans.plan", "plans.metrics", "plans.compiled"]),
     ("maths", ["maths", "maths.attention", "maths.graddrop", "maths.diagnostic"]),

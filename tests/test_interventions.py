@@ -129,34 +129,3 @@ def test_run_from_a_cached_residual_stream_equals_the_full_pass(model, backend):
     logits = full.run(backend, TOKENS)
     later = Intervention()
     torch.testing.assert_close(later.run_from(backend, 1, resid[Site("resid", 1)], TOKENS), logits, rtol=1e-5, atol=1e-5)
-
-
-def _live_tensors():
-    import gc
-
-    gc.collect()
-    return sum(1 for o in gc.get_objects() if torch.is_tensor(o) and not isinstance(o, torch.nn.Parameter))
-
-
-@pytest.mark.parametrize(
-    "method", ["atp", "atp_qkfix", "atp_graddrop", "atp_star", "activation_patching", "subsampling", "blocks", "hierarchical"]
-)
-def test_a_batch_leaves_no_activation_alive(model, method):
-    """Gradient receivers refer to the pass that scores them; the pass must not keep the graph's activations
-    alive afterwards (a reference cycle through the autograd graph, which the garbage collector cannot see,
-    kept every batch's activations: 378 MB per batch on a GPT-2-small shape)."""
-    import atpframework as af
-    from atpframework.engine.runner import batch_runs, compile_plan
-    from atpframework.methods.base import get_method
-    from atpframework.plans.metrics import resolve_metric
-    from conftest import make_plan
-
-    plan = af.as_plan(make_plan([{"kind": "attn_head"}, {"kind": "attn_q"}, {"kind": "attn_k"}, {"kind": "resid"}], method=method))
-    backend = af.load_backend(plan, model=model)
-    (run,) = list(batch_runs(compile_plan(plan, backend), backend, resolve_metric(plan.metric, None)))
-    impl = get_method(method)
-    impl.run_batch(run)  # warm-up: caches that live as long as the model are filled once
-    before = _live_tensors()
-    for _ in range(3):
-        impl.run_batch(run)
-    assert _live_tensors() == before

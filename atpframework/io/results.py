@@ -27,6 +27,7 @@ from torch import Tensor
 
 from atpframework.errors import SchemaError, shorten
 from atpframework.io.files import write_atomically
+from atpframework.io.tables import render_table, text_table
 
 RESULT_SCHEMA = "atpf.result"
 """Schema id written to ``atpf.schema``."""
@@ -114,19 +115,20 @@ class TopNodes(list[TopNode]):
         super().__init__(rows)
         self.score_name = score_name
 
-    def _table(self) -> list[tuple[str, str, str, str]]:
+    def _cells(self) -> list[tuple[str, str, str, str]]:
         return [(str(i), row.label(), f"{row.score:.5g}", f"{row.signed_mean:.5g}") for i, row in enumerate(self, start=1)]
 
     def __repr__(self) -> str:
-        header = ("rank", "node", self.score_name, "signed mean")
-        rows = [header, *self._table()]
-        widths = [max(len(r[c]) for r in rows) for c in range(4)]
-        lines = [f"{r[0]:>{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}" for r in rows]
-        return "\n".join(lines) if self else "(no nodes)"
+        if not self:
+            return "(no nodes)"
+        table = text_table("rank", "<node", self.score_name, "signed mean")
+        for cells in self._cells():
+            table.add_row(*cells)
+        return render_table(table)
 
     def _repr_html_(self) -> str:
         head = "".join(f"<th>{escape(h)}</th>" for h in ("rank", "node", self.score_name, "signed mean"))
-        body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in self._table())
+        body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in self._cells())
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
