@@ -216,6 +216,8 @@ def _result(compiled: CompiledPlan, backend: AbstractBackend, executed: Any) -> 
         clean_tokens=[list(p.clean) for p in compiled.pairs],
         noise_tokens=[list(p.noise) for p in compiled.pairs],
         plan_json=plan.to_json(),
+        clean_strings=_token_strings(backend, [p.clean for p in compiled.pairs]),
+        noise_strings=_token_strings(backend, [p.noise for p in compiled.pairs]),
         method=plan.method.name,
         sign_convention=compiled.method.sign_convention,
         metric=plan.metric.name,
@@ -223,6 +225,17 @@ def _result(compiled: CompiledPlan, backend: AbstractBackend, executed: Any) -> 
         versions=package_versions(),
         created=now_utc(),
     )
+
+
+def _token_strings(backend: AbstractBackend, prompts: list[Any]) -> list[list[str]]:
+    """Every prompt's tokens decoded, or ``[]`` when the backend cannot decode one of them."""
+    out = []
+    for tokens in prompts:
+        strings = backend.token_strings(list(tokens))
+        if strings is None:
+            return []
+        out.append(strings)
+    return out
 
 
 def _node_scores(bound: BoundNodes, per_pair: Any) -> NodeScores:

@@ -358,25 +358,9 @@ def _format_verified(result: Any, top: int) -> str:
         f"top {top} verified nodes by exact mean |effect|:",
     ]
     table = text_table("rank", "<node", "mean |effect|", "<verified", show_header=False)
-    labels = _global_labels(result)
     for rank, i in enumerate(strength.argsort(descending=True)[:top].tolist(), start=1):
-        table.add_row(str(rank), labels(int(nodes[i])), f"{float(strength[i]):.5f}", f"(verified #{int(ranks[i]) + 1})")
+        table.add_row(str(rank), result.node_label(int(nodes[i])), f"{float(strength[i]):.5f}", f"(verified #{int(ranks[i]) + 1})")
     return "\n".join(lines) + ("\n" + render_table(table) if table.rows else "")
-
-
-def _global_labels(result: Any) -> Callable[[int], str]:
-    """Global node index -> a label like ``heads L3 P9 H2``."""
-    from atpframework.io.results import TopNode
-
-    numbering = result.numbering
-
-    def label(g: int) -> str:
-        name, coords = numbering.locate(g)
-        ns = result.nodes[name]
-        named = {dim: "all" if ns.index[dim] == "all" else ns.index[dim][c] for dim, c in zip(ns.dims[1:], coords)}
-        return TopNode(name, ns.kind, named, 0.0, 0.0).label()
-
-    return label
 
 
 def _format_top(result: Any, top: int, aggregate: str) -> str:
@@ -386,7 +370,7 @@ def _format_top(result: Any, top: int, aggregate: str) -> str:
         f"method {result.method}, metric {result.metric}: clean {mc:.4f}, noise {mn:.4f} (mean over {n_pairs} pair(s))",
         f"top {top} nodes by {_score_name(result, aggregate)}:",
     ]
-    table = text_table("rank", "<node", "score", "signed mean")
+    table = text_table("rank", "<node", "score", "signed estimate")
     for rank, row in enumerate(result.top_k(top, how=aggregate), start=1):
-        table.add_row(str(rank), row.label(), f"{row.score:.5f}", f"{row.signed_mean:.5f}")
+        table.add_row(str(rank), row.label(), f"{row.score:.5f}", f"{row.signed_estimate:.5f}")
     return "\n".join(lines) + "\n" + render_table(table)

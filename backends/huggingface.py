@@ -54,7 +54,7 @@ from atpframework.model.backend import (
 from atpframework.model.bundled import BUNDLED_PREFIX, bundled_model_dir
 from atpframework.model.sites import SITE_NAMES, Site
 
-from .tokenizers import tokenize_text, tokenizer_adds_bos, usable_tokenizer
+from .tokenizers import decode_each, tokenize_text, tokenizer_adds_bos, usable_tokenizer
 from .transformer_lens import site_of_tl_hook_name
 
 _ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -431,6 +431,9 @@ class HuggingFaceBackend(AbstractBackend):
     # ----------------------------------------------------------------- running
     def tokenize(self, text: str, prepend_bos: bool | None) -> list[int]:
         return tokenize_text(self.tokenizer, text, self.default_prepend_bos if prepend_bos is None else prepend_bos)
+
+    def token_strings(self, tokens: Sequence[int]) -> list[str] | None:
+        return decode_each(self.tokenizer, tokens)
 
     def site_of_hook_name(self, hook_name: str) -> Site | None:
         """sae_lens records TransformerLens hook names, also for SAEs used on Hugging Face models."""

@@ -1,5 +1,6 @@
 """Hugging Face tokenizer helpers the built-in backends share (both tokenize with a ``transformers`` tokenizer)."""
 
+from collections.abc import Sequence
 from typing import Any
 
 from atpframework.errors import PlanError
@@ -20,6 +21,14 @@ def tokenizer_adds_bos(tokenizer: Any) -> bool:
         return False
     ids = tokenizer("a")["input_ids"]
     return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def decode_each(tokenizer: Any, ids: Sequence[int]) -> list[str] | None:
+    """Each token id decoded on its own (``" Mary"``; a piece of a multi-byte character decodes to ``"\ufffd"``),
+    or None without a tokenizer or for an id outside its vocabulary."""
+    if tokenizer is None or any(not 0 <= i < len(tokenizer) for i in ids):
+        return None
+    return list(tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False))
 
 
 def tokenize_text(tokenizer: Any, text: str, prepend_bos: bool) -> list[int]:

@@ -33,7 +33,7 @@ from atpframework.model.backend import (
 from atpframework.model.bundled import BUNDLED_PREFIX, bundled_model_dir
 from atpframework.model.sites import SITE_NAMES, Site
 
-from .tokenizers import tokenize_text, tokenizer_adds_bos, usable_tokenizer
+from .tokenizers import decode_each, tokenize_text, tokenizer_adds_bos, usable_tokenizer
 
 _OPTIONS = {"model_class": ("hooked_transformer", "bridge")}
 """Option -> allowed values, the first the default."""
@@ -185,6 +185,9 @@ class TransformerLensBackend(AbstractBackend):
         if prepend_bos is None:
             prepend_bos = bool(getattr(self.model.cfg, "default_prepend_bos", False))
         return tokenize_text(self.tokenizer, text, prepend_bos)
+
+    def token_strings(self, tokens: Sequence[int]) -> list[str] | None:
+        return decode_each(self.tokenizer, tokens)
 
     def hook_name(self, site: Site) -> str:
         """The TransformerLens hook point serving ``site``."""

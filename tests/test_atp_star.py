@@ -270,3 +270,22 @@ def test_frozen_weights_give_the_same_scores(arch):
     frozen = af.run(make_plan(nodes, method=method), model=frozen_model)
     for name in ("attn_q", "attn_k", "mlp_neuron"):
         torch.testing.assert_close(frozen[name].per_pair, trainable[name].per_pair, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", ["ln_gelu_learned", "parallel_rotary"])
+@pytest.mark.parametrize("method", ["atp_graddrop", "atp_star"])
+def test_graddrop_stores_the_signed_plain_estimate(arch, method):
+    """GradDrop scores are magnitudes; ``extras['<name>.signed']`` keeps the direction: it equals the brute-force
+    AtP (``atp_graddrop``) or QK-fix (``atp_star``) estimate, per pair and node, signs included."""
+    model = tiny_model(n_layers=3, **ARCHS_3_LAYERS[arch])
+    kinds = ["attn_head", "attn_q", "attn_k", "mlp_neuron", "resid"]
+    result = af.run(make_plan([{"kind": k} for k in kinds], method=method), model=model)
+    ref = reference_scores(model, kinds, "atp_qkfix" if method == "atp_star" else "atp")
+    for kind in kinds:
+        signed = result.extras[f"{kind}.signed"]
+        _assert_close(signed, ref[kind], f"{arch} {method} {kind} signed")
+        assert (signed < 0).any() and (result[kind].per_pair >= 0).all()
+    df = result.to_dataframe()
+    heads = df[df.name == "attn_head"]
+    torch.testing.assert_close(torch.tensor(heads.signed_estimate.to_numpy()), ref["attn_head"].mean(0).flatten().double(),
+                               rtol=1e-5, atol=1e-6)

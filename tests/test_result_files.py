@@ -681,3 +681,45 @@ def test_atpf_show_subprocess_on_valid_bomb_and_broken_files(valid_file, tmp_pat
         assert done.returncode == code, (path, done.stderr)
         assert says in (done.stdout if code == 0 else done.stderr)
         assert "Traceback" not in done.stderr
+
+
+# ----------------------------------------------------------------------------------------- token strings
+def test_token_strings_round_trip_label_positions_and_old_files_still_load(valid_file, tmp_path):
+    """Schema 4 stores every prompt token decoded; labels and the dataframe name the token at a node's
+    position; a schema-3 file (no strings) loads as before and ``with_token_strings`` adds them."""
+    vocab = {1: "When", 2: " Mary", 3: " to", 4: "Ä", 5: "\n", 6: " John", 9: " Bob"}
+    result = _valid_result().with_token_strings(lambda ids: [vocab[i] for i in ids])
+    path = result.save(tmp_path / "strings.safetensors")
+    loaded = af.load_result(path)
+    assert loaded.clean_strings == [["When", " Mary", " to"], ["Ä", "\n"]]
+    assert loaded.noise_strings == [["When", " Bob", " to"], ["Ä", " John"]]
+    # pos 1 holds " Mary" in pair 0 and "\n" in pair 1; pos -1 is absolute 2 and 1: the plan's label stays
+    assert loaded.position_text(1) == ('" Mary"/"\\n"', "1")
+    assert loaded.position_text(-1) == ('" to"/"\\n"', "-1")
+    assert loaded.position_text("all") == ("", "all")
+    heads = loaded["heads"].aggregate().flatten()
+    top = loaded.top_k(1, names=["heads"])[0]
+    pos = top.coords["pos"]
+    assert top.label() == f'heads L{top.coords["layer"]} H{top.coords["head"]} @ {loaded.position_text(pos)[0]} (pos {pos})'
+    assert top.score == pytest.approx(float(heads.max()))
+    df = loaded.to_dataframe()
+    rows = df[df.name == "heads"]
+    assert list(rows.token) == [loaded.position_text(p)[0] for p in rows.pos]
+    assert set(df[df.name == "resid"].token) == {""}  # merged positions name no token
+
+    # the same file as schema 3 wrote it: no token strings, labels with P<pos>
+    meta, tensors = _read(path)
+    del meta["atpf.token_strings"]
+    meta["atpf.schema_version"] = "3"
+    old = af.load_result(_write(tmp_path / "v3.safetensors", meta, tensors))
+    assert old.clean_strings == [] and "token" not in old.to_dataframe().columns
+    assert old.top_k(1, names=["heads"])[0].label() == f'heads L{top.coords["layer"]} P{pos} H{top.coords["head"]}'
+    assert old.with_token_strings(lambda ids: [vocab[i] for i in ids]).clean_strings == loaded.clean_strings
+    with pytest.raises(ValueError, match="decode returned 1 strings for the 3 tokens of clean prompt 0"):
+        old.with_token_strings(lambda ids: ["x"])
+
+    # strings that do not match the stored tokens name the field
+    meta, tensors = _read(path)
+    meta["atpf.token_strings"] = json.dumps({"clean": [["When"], ["Ä", "\n"]], "noise": loaded.noise_strings})
+    with pytest.raises(SchemaError, match=r"atpf\.token_strings\.clean: expected one list of strings per pair"):
+        af.load_result(_write(tmp_path / "bad.safetensors", meta, tensors))

@@ -278,7 +278,7 @@ def test_results_and_their_top_nodes_print_short_readable_tables(saved):
     top = result.top_k(4)
     assert isinstance(top, list) and len(top) == 4 and all(isinstance(r, type(top[0])) for r in top)
     lines = repr(top).splitlines()
-    assert lines[0].split() == ["rank", "node", "mean", "|score|", "signed", "mean"]
+    assert lines[0].split() == ["rank", "node", "mean", "|score|", "signed", "estimate"]
     expected = sorted(
         ((float(ns.per_pair[(slice(None), *idx)].abs().mean()), name) for name, ns in result.nodes.items()
          for idx in torch.cartesian_prod(*[torch.arange(s) for s in ns.per_pair.shape[1:]]).view(-1, ns.per_pair.dim() - 1).tolist()),
@@ -289,6 +289,25 @@ def test_results_and_their_top_nodes_print_short_readable_tables(saved):
         assert row.label() in line
 
     html = top._repr_html_()
-    assert html.count("<tr>") == 1 + 4 and "<th>signed mean</th>" in html
+    assert html.count("<tr>") == 1 + 4 and "<th>signed estimate</th>" in html
     page = result._repr_html_()
     assert "logit_diff" in page and page.count("<tr>") >= 10  # the facts, then the top 10 nodes
+
+
+def test_to_xarray_holds_the_per_pair_scores_under_their_model_indices(saved):
+    xr = pytest.importorskip("xarray")
+    result, _ = saved
+    heads = result.to_xarray("attn_head")
+    ns = result["attn_head"]
+    assert heads.dims == ns.dims and heads.attrs["method"] == "atp"
+    for dim in ns.dims[1:]:
+        assert list(heads[dim].values) == (["all"] if ns.index[dim] == "all" else ns.index[dim])
+    # one entry, read by model index, against the tensor read by position
+    layer, pos, head = ns.index["layer"][1], ns.index["pos"][1], ns.index["head"][2]
+    for pair in range(ns.per_pair.shape[0]):
+        assert float(heads.sel(pair=pair, layer=layer, pos=pos, head=head)) == float(ns.per_pair[pair, 1, 1, 2])
+    assert list(heads["metric_clean"].values) == result.metric_clean.double().tolist()
+    both = result.to_xarray()
+    assert isinstance(both, xr.Dataset) and set(both.data_vars) == set(result.nodes)
+    assert both["resid"].dims == ("pair", "resid/layer", "resid/pos")
+    assert (both["resid"].values == result["resid"].per_pair.double().numpy()).all()

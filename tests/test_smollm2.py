@@ -97,3 +97,21 @@ def test_hugging_face_backend_matches_transformer_lens_on_ioi_atp_star(backend):
         a, b = tl[name].per_pair, hf[name].per_pair
         assert a.abs().max() > 0.1
         assert (a - b).abs().max().item() <= 1e-4 * a.abs().max().item(), name
+
+
+def test_results_store_decoded_tokens_and_label_positions_with_them(backend, tmp_path):
+    """The decoded tokens put the prompt back together, and nodes are labelled with the token at their position."""
+    plan = {"model": {"source": "bundled:smollm2-135m-instruct"}, "prompts": [IOI], "method": {"name": "atp"},
+            "nodes": [{"kind": "attn_head", "layers": [20], "positions": [-1]}, {"kind": "resid", "layers": [8]}]}
+    result = af.load_result(af.run(plan, backend=backend, output=tmp_path / "r.safetensors").save(tmp_path / "r.safetensors"))
+    clean, noise = result.clean_strings[0], result.noise_strings[0]
+    assert len(clean) == len(result.clean_tokens[0]) and "".join(clean).endswith(IOI["clean"])
+    assert "".join(noise).endswith(IOI["noise"])
+    changed = [(c, n) for c, n in zip(clean, noise) if c != n]
+    assert changed == [(" John", " Mary")]  # the one token IOI's noise prompt swaps
+    last = len(clean) - 1
+    head = result.top_k(1, names=["attn_head"])[0]
+    assert head.label() == f'attn_head L20 H{head.coords["head"]} @ " to" (pos {last})'
+    john = clean.index(" John", clean.index(" store"))
+    resid = result.to_dataframe().query("name == 'resid'").set_index("pos")
+    assert resid.loc[john, "token"] == '" John"' and resid.loc[last, "token"] == '" to"'

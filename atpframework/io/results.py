@@ -4,7 +4,7 @@ File layout (spec in ``docs/result-format.md``): tensors ``scores.<name>`` (``pa
 float32, per-pair effects as ``atpf.sign_convention`` says; or sparse: ``scores.<name>.indices`` and
 ``scores.<name>.values`` in COO form), ``metric.clean`` and ``metric.noise`` (``pair``),
 ``tokens.clean`` and ``tokens.noise`` (``pair pos``, int64, right-padded with -1) and
-``tokens.length`` (``pair``); optional ``extras.<name>.<statistic>`` (``pair layer *axes``, e.g.
+``tokens.length`` (``pair``) with their decoded strings in ``atpf.token_strings``; optional ``extras.<name>.<statistic>`` (``pair layer *axes``, e.g.
 standard errors) and, after ``atpf verify``, ``verified.<name>.index`` / ``.rank`` (``verified``,
 int64 flat node indices and their place in the verification order) and ``verified.<name>.effects``
 (``pair verified``, exact effects); string metadata under ``atpf.*`` keys. Files are written atomically
@@ -14,8 +14,8 @@ claims against the stored tensors before allocating anything, and refuses malfor
 
 import json
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from html import escape
 from importlib.metadata import PackageNotFoundError, version
@@ -31,10 +31,12 @@ from atpframework.io.tables import render_table, text_table
 
 RESULT_SCHEMA = "atpf.result"
 """Schema id written to ``atpf.schema``."""
-RESULT_SCHEMA_VERSION = 3
+RESULT_SCHEMA_VERSION = 4
 """Schema version written to ``atpf.schema_version``; files with a newer version are refused.
 2 added sparse score tensors (``scores.<name>.indices`` / ``.values``); 3 added ``extras.*``,
-``verified.*`` and ``atpf.verification``. Older files read unchanged."""
+``verified.*`` and ``atpf.verification``; 4 added ``atpf.token_strings`` (each prompt token decoded) and
+GradDrop's ``extras.<name>.signed``. Older files read unchanged (without token strings:
+``AttributionResult.with_token_strings`` adds them from a tokenizer)."""
 SIGN_CONVENTION = "effect = metric(clean run with node <- its noise-run value) - metric(clean run)"
 """What the per-pair scores of signed methods (``activation_patching``, ``atp``, ``atp_qkfix``) are."""
 GRADDROP_CONVENTION = (
@@ -98,13 +100,26 @@ class TopNode:
     score: float
     """The aggregate score used for ranking."""
     signed_mean: float
+    """Mean over pairs of the stored per-pair scores (for GradDrop methods, of magnitudes)."""
+    signed_estimate: float = math.nan
+    """Mean over pairs of the signed estimate: ``signed_mean`` for signed methods, the plain AtP or
+    QK-fix value for GradDrop methods (``extras.<name>.signed``; NaN in files without it)."""
+    token: str = ""
+    """The prompt token at the node's position, quoted (``'" to"'``; several pairs' tokens joined by ``/``),
+    empty when the node has no single position or the result has no token strings."""
+    position: str = ""
+    """The node's position as the label shows it (the absolute index when every prompt has the same length)."""
 
     def label(self) -> str:
+        """``attn_head L23 H3 @ " to" (pos 13)``; ``P13`` in place of the token when the result has no token strings."""
         parts = []
         for dim, value in self.coords.items():
+            if dim == "pos" and self.token:
+                continue
             short = {"layer": "L", "head": "H", "pos": "P", "neuron": "N"}.get(dim, dim)
             parts.append(f"{short}{value}" if value != "all" else f"{short}*")
-        return f"{self.name} " + " ".join(parts)
+        text = f"{self.name} " + " ".join(parts)
+        return f"{text} @ {self.token} (pos {self.position})" if self.token else text
 
 
 class TopNodes(list[TopNode]):
@@ -116,18 +131,18 @@ class TopNodes(list[TopNode]):
         self.score_name = score_name
 
     def _cells(self) -> list[tuple[str, str, str, str]]:
-        return [(str(i), row.label(), f"{row.score:.5g}", f"{row.signed_mean:.5g}") for i, row in enumerate(self, start=1)]
+        return [(str(i), row.label(), f"{row.score:.5g}", f"{row.signed_estimate:.5g}") for i, row in enumerate(self, start=1)]
 
     def __repr__(self) -> str:
         if not self:
             return "(no nodes)"
-        table = text_table("rank", "<node", self.score_name, "signed mean")
+        table = text_table("rank", "<node", self.score_name, "signed estimate")
         for cells in self._cells():
             table.add_row(*cells)
         return render_table(table)
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{escape(h)}</th>" for h in ("rank", "node", self.score_name, "signed mean"))
+        head = "".join(f"<th>{escape(h)}</th>" for h in ("rank", "node", self.score_name, "signed estimate"))
         body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in self._cells())
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -212,6 +227,41 @@ class AttributionResult:
     """Exact effects of verified nodes, by selection name."""
     verification: dict[str, Any] = field(default_factory=dict)
     """How the verification ran (order, budget, stop reason, threshold, passes)."""
+    clean_strings: list[list[str]] = field(default_factory=list)
+    """Each clean prompt's tokens decoded one by one (``" Mary"``); empty when unknown (no tokenizer, or a
+    file older than schema 4; ``with_token_strings`` adds them)."""
+    noise_strings: list[list[str]] = field(default_factory=list)
+    """Each noise prompt's tokens decoded, like ``clean_strings``."""
+
+    def with_token_strings(self, decode: Callable[[list[int]], list[str]]) -> "AttributionResult":
+        """This result with ``clean_strings`` / ``noise_strings`` decoded by ``decode`` (token ids -> one string per
+        id), e.g. for a file written before schema 4: ``result.with_token_strings(backends.decode_each(tokenizer))``
+        or ``lambda ids: model.to_str_tokens(torch.tensor(ids), prepend_bos=False)``."""
+        clean = [list(decode(list(t))) for t in self.clean_tokens]
+        noise = [list(decode(list(t))) for t in self.noise_tokens]
+        for which, strings, tokens in (("clean", clean, self.clean_tokens), ("noise", noise, self.noise_tokens)):
+            for i, (s, t) in enumerate(zip(strings, tokens)):
+                if len(s) != len(t):
+                    raise ValueError(f"with_token_strings: decode returned {len(s)} strings for the {len(t)} tokens of {which} prompt {i}")
+        return replace(self, clean_strings=clean, noise_strings=noise)
+
+    def position_text(self, pos: int | str) -> tuple[str, str]:
+        """The quoted clean-prompt token at position label ``pos`` and the position as labels show it.
+
+        ``pos`` is a position as the result's ``pos`` axis labels it (negative counts from the end). When the
+        prompts differ there, up to two distinct tokens are joined by ``/`` (``'" Mary"/" John"/…'``). Returns
+        ``("", str(pos))`` without token strings or for a merged position (``"all"``)."""
+        if pos == "all" or not self.clean_strings:
+            return "", str(pos)
+        seen: list[str] = []
+        absolute = set()
+        for strings in self.clean_strings:
+            at = int(pos) if int(pos) >= 0 else len(strings) + int(pos)
+            absolute.add(at)
+            if 0 <= at < len(strings) and strings[at] not in seen:
+                seen.append(strings[at])
+        quoted = "/".join(json.dumps(t, ensure_ascii=False) for t in seen[:2]) + ("/…" if len(seen) > 2 else "")
+        return quoted, str(absolute.pop()) if len(absolute) == 1 else str(pos)
 
     @property
     def plan(self) -> dict[str, Any]:
@@ -249,12 +299,33 @@ class AttributionResult:
             ns = self[name]
             shape = tuple(ns.per_pair.shape[1:])
             flat, score, signed = _ranked(ns, k, how)
-            for i, s, m in zip(flat.tolist(), score.tolist(), signed.tolist()):
-                coords = torch.unravel_index(torch.tensor(i), shape)
-                named = {dim: _label(ns.index[dim], int(c)) for dim, c in zip(ns.dims[1:], coords)}
-                rows.append(TopNode(name, ns.kind, named, s, m))
+            estimate = signed if self.sign_convention != GRADDROP_CONVENTION else _graddrop_signed(self.extras, name, flat)
+            for i, s, m, e in zip(flat.tolist(), score.tolist(), signed.tolist(), estimate.tolist()):
+                rows.append(self._top_node(ns, i, s, m, e))
         rows.sort(key=lambda r: (math.isnan(r.score), -abs(r.score)))  # stable: ties keep the order above
         return TopNodes(rows[:k], "mean |score|" if how == "mean_abs" else "signed mean score")
+
+    def _top_node(self, ns: NodeScores, flat: int, score: float, signed_mean: float, estimate: float) -> TopNode:
+        coords = torch.unravel_index(torch.tensor(flat), tuple(ns.per_pair.shape[1:]))
+        named = {dim: _label(ns.index[dim], int(c)) for dim, c in zip(ns.dims[1:], coords)}
+        token, position = self.position_text(named["pos"]) if "pos" in named else ("", "")
+        return TopNode(ns.name, ns.kind, named, score, signed_mean, estimate, token, position)
+
+    def node_label(self, node: int) -> str:
+        """The label of global node ``node`` (``numbering``), as ``top_k`` prints it."""
+        numbering = self.numbering
+        name, _ = numbering.locate(node)
+        flat = node - numbering.offsets[numbering.names.index(name)]
+        return self._top_node(self[name], flat, 0.0, 0.0, math.nan).label()
+
+    def signed_estimate(self, name: str) -> Tensor:
+        """Mean over pairs of the signed per-pair estimate of selection ``name`` (``layer *axes``, float64): the
+        scores themselves for signed methods; for GradDrop methods, whose scores are magnitudes, the plain AtP or
+        QK-fix estimate stored as ``extras.<name>.signed`` (NaN when the file has none, or for ``keep_top``)."""
+        ns = self[name]
+        if self.sign_convention != GRADDROP_CONVENTION:
+            return ns.aggregate("mean").double()
+        return _graddrop_signed(self.extras, name, torch.arange(ns.per_pair[0].numel())).reshape(ns.per_pair.shape[1:])
 
     def __repr__(self) -> str:
         """One line: method, metric, model, pairs, selections with their shapes, and the mean metrics."""
@@ -279,13 +350,19 @@ class AttributionResult:
 
     def to_dataframe(self, how: Aggregate = "mean_abs", index: bool = False) -> Any:
         """A pandas DataFrame with one row per node, in global node order: ``name``, ``kind``, one column per
-        axis (model indices, ``"all"`` for a merged axis), ``score`` (the ``how`` aggregate), ``signed_mean``,
-        and ``verified_effect`` (mean over pairs of the exact effect, NaN where not verified).
+        axis (model indices, ``"all"`` for a merged axis), ``token`` (the quoted token at the node's position,
+        when a selection has a ``pos`` axis and the result has token strings), ``score`` (the ``how``
+        aggregate), ``signed_mean`` (of the stored scores), ``signed_estimate`` (``signed_estimate``: for GradDrop
+        methods the signed AtP or QK-fix value beside the magnitude), and ``verified_effect`` (mean over pairs of
+        the exact effect, NaN where not verified).
 
         ``index=True``: the selection name and the axes (``name``, ``layer``, then every other axis in order of
         first appearance) form a MultiIndex instead of columns. Built column by column (no loop over nodes)."""
         import numpy as np
         import pandas as pd
+
+        value_columns = ("name", "kind", "token", "score", "signed_mean", "signed_estimate", "verified_effect")
+        has_tokens = bool(self.clean_strings) and any("pos" in ns.dims for ns in self.nodes.values())
 
         frames = []
         for name, ns in self.nodes.items():
@@ -296,8 +373,13 @@ class AttributionResult:
             for dim, coord in zip(ns.dims[1:], coords):
                 labels = ns.index[dim]
                 columns[dim] = np.full(n_nodes, "all", dtype=object) if labels == "all" else np.asarray(labels, dtype=np.int64)[coord.numpy()]
+            if has_tokens:
+                pos_labels = columns.get("pos", np.full(n_nodes, "all", dtype=object))
+                text = {p: self.position_text(p)[0] for p in set(pos_labels.tolist())}
+                columns["token"] = pd.Series(pos_labels).map(text).to_numpy(dtype=object)
             columns["score"] = ns.aggregate(how).flatten().double().numpy()
             columns["signed_mean"] = ns.aggregate("mean").flatten().double().numpy()
+            columns["signed_estimate"] = self.signed_estimate(name).flatten().numpy()
             verified = np.full(n_nodes, np.nan)
             if name in self.verified:
                 checked = self.verified[name]
@@ -306,9 +388,37 @@ class AttributionResult:
             frames.append(pd.DataFrame(columns))
         df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         if index and len(df):
-            axes = [c for c in df.columns if c not in ("name", "kind", "score", "signed_mean", "verified_effect")]
+            axes = [c for c in df.columns if c not in value_columns]
             df = df.set_index(["name", *axes])
         return df
+
+    def to_xarray(self, name: str | None = None) -> Any:
+        """Per-pair scores as xarray: the selection ``name`` as a ``DataArray`` (dims ``pair layer *axes``,
+        coordinates the model indices, ``token`` on ``pos`` when known, ``clean``/``noise`` metrics on ``pair``);
+        without ``name``, every selection in one ``Dataset`` with dims prefixed by the selection name
+        (``attn_head/layer``), since two selections' ``layer`` axes need not hold the same layers. Needs
+        ``pip install xarray``."""
+        try:
+            import xarray as xr
+        except ImportError:
+            raise ImportError("to_xarray needs xarray: pip install xarray (or atpframework[tables])") from None
+        if name is not None:
+            return self._data_array(xr, self[name], prefix="")
+        return xr.Dataset({n: self._data_array(xr, ns, prefix=f"{n}/") for n, ns in self.nodes.items()},
+                          attrs={"method": self.method, "metric": self.metric, "sign_convention": self.sign_convention})
+
+    def _data_array(self, xr: Any, ns: NodeScores, prefix: str) -> Any:
+        dims = [ns.dims[0]] + [prefix + d for d in ns.dims[1:]]
+        coords: dict[str, Any] = {"pair": list(range(ns.per_pair.shape[0]))}
+        for dim, full in zip(ns.dims[1:], dims[1:]):
+            coords[full] = ["all"] if ns.index[dim] == "all" else list(ns.index[dim])
+            if dim == "pos" and self.clean_strings:
+                coords[f"{full}_token"] = (full, [self.position_text(p)[0] for p in coords[full]])
+        coords[f"{prefix}metric_clean"] = ("pair", self.metric_clean.double().numpy())
+        coords[f"{prefix}metric_noise"] = ("pair", self.metric_noise.double().numpy())
+        values = ns.per_pair.to_dense() if ns.per_pair.is_sparse else ns.per_pair
+        return xr.DataArray(values.double().numpy(), dims=dims, coords=coords, name=ns.name,
+                            attrs={"kind": ns.kind, "method": self.method, "metric": self.metric})
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:
@@ -354,6 +464,8 @@ class AttributionResult:
             "atpf.created": self.created,
             "atpf.verification": json.dumps(self.verification, sort_keys=True),
         }
+        if self.clean_strings:
+            metadata["atpf.token_strings"] = json.dumps({"clean": self.clean_strings, "noise": self.noise_strings}, ensure_ascii=False)
         return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -442,6 +554,7 @@ def _parse(meta: dict[str, str], tensors: dict[str, Tensor]) -> AttributionResul
         raise _Invalid("metric.clean", "no pairs (a result has at least one)")
     metric_noise = _tensor(tensors, "metric.noise", _FLOAT_DTYPES, 1, n_pairs).float()
     clean_tokens, noise_tokens = _tokens(tensors, n_pairs)
+    clean_strings, noise_strings = _token_strings(meta, clean_tokens, noise_tokens)
     nodes = {name: _node_scores(tensors, name, sel, n_pairs) for name, sel in selections.items()}
     return AttributionResult(
         nodes=nodes,
@@ -459,7 +572,26 @@ def _parse(meta: dict[str, str], tensors: dict[str, Tensor]) -> AttributionResul
         extras=_extras(tensors, n_pairs),
         verified=_verified(tensors, nodes, n_pairs),
         verification=verification,
+        clean_strings=clean_strings,
+        noise_strings=noise_strings,
     )
+
+
+def _token_strings(meta: dict[str, str], clean: list[list[int]], noise: list[list[int]]) -> tuple[list[list[str]], list[list[str]]]:
+    """``atpf.token_strings`` (schema 4): ``{"clean": [[str]], "noise": [[str]]}``, one string per stored token;
+    empty lists when absent."""
+    if "atpf.token_strings" not in meta:
+        return [], []
+    raw = _json_field(meta["atpf.token_strings"], "atpf.token_strings", dict)
+    out = []
+    for which, tokens in (("clean", clean), ("noise", noise)):
+        rows = raw.get(which)
+        if (not isinstance(rows, list) or len(rows) != len(tokens)
+                or not all(isinstance(r, list) and len(r) == len(t) and all(isinstance(x, str) for x in r) for r, t in zip(rows, tokens))):
+            raise _Invalid(f"atpf.token_strings.{which}", f"expected one list of strings per pair with one string per token of "
+                           f"tokens.{which} (lengths {shorten([len(t) for t in tokens])}), got {shorten(rows)}")
+        out.append(rows)
+    return out[0], out[1]
 
 
 def _json_field(text: str, field: str, kind: type) -> Any:
@@ -697,6 +829,14 @@ def _lookup(flat: Tensor, values: Tensor, query: Tensor) -> Tensor:
         return torch.zeros(len(query), dtype=values.dtype)
     at = torch.searchsorted(flat, query).clamp(max=len(flat) - 1)
     return torch.where(flat[at] == query, values[at], torch.zeros((), dtype=values.dtype))
+
+
+def _graddrop_signed(extras: dict[str, Tensor], name: str, flat: Tensor) -> Tensor:
+    """Mean over pairs of GradDrop's stored signed estimate at flat nodes ``flat`` (float64; NaN without ``extras.<name>.signed``)."""
+    signed = extras.get(f"{name}.signed")
+    if signed is None:
+        return torch.full((len(flat),), math.nan, dtype=torch.float64)
+    return signed.flatten(1)[:, flat].double().mean(0)
 
 
 def package_versions() -> dict[str, str]:

@@ -279,7 +279,9 @@ class FirstOrder(AbstractMethod[ConfigT]):
         scores = _Scores(run.batch.bound, run.clean_tokens.shape[0], run.backend.device, layout, self.keep_terms, len(chunks) > 1)
         for i, positions in enumerate(chunks):
             metric_clean, metric_noise = self._run_chunk(run, layout, scores, positions, first=i == 0)
-        return BatchScores(scores.result(), metric_clean, metric_noise, scores.per_term if self.keep_terms else None)
+        return BatchScores(
+            scores.result(), metric_clean, metric_noise, scores.per_term if self.keep_terms else None, extras=scores.signed_extras()
+        )
 
     def _run_chunk(
         self, run: BatchRun, layout: _Layout, scores: "_Scores", positions: Tensor | None, first: bool
@@ -447,6 +449,11 @@ class _Scores:
         self.device = device
         self.terms = layout.terms
         self.totals = {b.name: torch.zeros((n_batch,) + b.shape, device=device) for b in bound}
+        # GradDrop's scores are magnitudes; the plain backward's signed estimate (AtP, or the QK fix) is kept
+        # beside them for dense selections (a keep_top selection would need it dense too)
+        self.signed = {
+            b.name: torch.zeros((n_batch,) + b.shape, device=device) for b in bound if self.terms and b.spec.sparse_output() is None
+        }
         # a node spanning several layers (or, in chunks, several position chunks) sums several
         # contributions per term before the magnitude is taken
         self.per_term = {
@@ -457,6 +464,8 @@ class _Scores:
 
     def add(self, b: BoundNodes, site: Site, term: int | None, effect: Tensor) -> None:
         for entry in b.layer_entries(site.layer):
+            if term is None and b.name in self.signed:
+                self.signed[b.name][:, entry] += effect
             if not self.terms:
                 self.totals[b.name][:, entry] += effect
             elif b.name in self.per_term:
@@ -467,6 +476,10 @@ class _Scores:
                 self.totals[b.name][:, entry] += self.layout.above_count[site] * effect.abs()
             else:
                 self.totals[b.name][:, entry] += effect.abs()
+
+    def signed_extras(self) -> dict[str, Tensor] | None:
+        """GradDrop: ``"<name>.signed"``, the plain backward's signed estimate per pair and node (None for signed methods)."""
+        return {f"{name}.signed": value for name, value in self.signed.items()} or None
 
     def result(self) -> dict[str, Tensor]:
         if not self.terms:

@@ -114,6 +114,11 @@ class AbstractBackend(ABC):
         """
         raise NotImplementedError(self.attention_unsupported(layer))
 
+    def token_strings(self, tokens: Sequence[int]) -> list[str] | None:
+        """Each token id decoded on its own (``" Mary"``), stored in results to label positions; None when the
+        backend cannot decode (no tokenizer). Default: None."""
+        return None
+
     def site_of_hook_name(self, hook_name: str) -> Site | None:
         """The site of a hook name as sae_lens records where an SAE was trained (``cfg.metadata.hook_name``),
         or None if it names none. sae_lens records TransformerLens hook names whatever library runs the

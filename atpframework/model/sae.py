@@ -205,6 +205,9 @@ class SplicedBackend(AbstractBackend):
     def tokenize(self, text: str, prepend_bos: bool | None) -> list[int]:
         return self.inner.tokenize(text, prepend_bos)
 
+    def token_strings(self, tokens: Sequence[int]) -> list[str] | None:
+        return self.inner.token_strings(tokens)
+
     def attention_unsupported(self, layer: int) -> str | None:
         return self.inner.attention_unsupported(layer)
 
