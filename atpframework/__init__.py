@@ -4,6 +4,7 @@ Importing this package loads no model library (transformer_lens, transformers, s
 node types and methods are plugins, imported only when a plan names them.
 """
 
+from atpframework.analysis import figures as _figures  # noqa: F401  (gives AttributionResult its .plot)
 from atpframework.api import as_plan as as_plan
 from atpframework.api import compile as compile
 from atpframework.api import load_backend as load_backend

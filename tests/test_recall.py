@@ -287,8 +287,9 @@ def test_plot_into_a_path_that_cannot_be_a_directory(tmp_path):
         plot_recall_curves(_curves(), blocker / "recall.png")
     assert blocker.read_bytes() == b"x"
     assert [p.name for p in tmp_path.iterdir()] == ["not_a_dir"]
-    with pytest.raises(ValueError, match="png"):
-        plot_recall_curves(_curves(), tmp_path / "recall.pdf")
+    with pytest.raises(ValueError, match=r"\.png, \.svg or \.pdf"):
+        plot_recall_curves(_curves(), tmp_path / "recall.jpg")
+    assert plot_recall_curves(_curves(), tmp_path / "recall.pdf").read_bytes().startswith(b"%PDF")
 
 
 def test_plots_import_matplotlib_lazily_and_explain_a_missing_install(tmp_path, monkeypatch):

@@ -1,14 +1,18 @@
-"""PNG plots of the evaluation: cost-of-verified-recall curves and the false-negative diagnostic.
+"""Evaluation figures (cost-of-verified-recall curves, the false-negative diagnostic) and the drawing
+helpers every figure of the package shares.
 
 This module owns drawing only; the numbers come from ``atpframework.analysis.recall`` (curves) and from the
-diagnostic's bound ``theta*`` (method notes, section 5). matplotlib is optional (extra ``plot``):
-it is imported inside each function, so importing this module never needs it, and a missing install
-raises ``PlotDependencyError`` (an ``ImportError``) that says what to install.
+diagnostic's bound ``theta*`` (method notes, section 5). Figures of a result's scores (heatmaps, token
+strips, bar charts, the verified-vs-estimated scatter) are in ``atpframework.analysis.figures``.
+matplotlib is optional (extra ``plot``): it is imported inside each function, so importing this module
+never needs it, and a missing install raises ``PlotDependencyError`` (an ``ImportError``) that says what
+to install.
 
 Figures use matplotlib's object API (``Figure`` + the non-interactive Agg canvas), never pyplot's
-global state, so plotting is safe in scripts, servers and threads. PNGs are written atomically: a
-temporary file in the target directory, then ``os.replace``; on any error the temporary file is
-removed and a file already at the target path is left unchanged.
+global state, so plotting is safe in scripts, servers, threads and notebook loops (nothing to close).
+Files are written atomically, as PNG, SVG or PDF by the path's suffix: a temporary file in the target
+directory, then ``os.replace``; on any error the temporary file is removed and a file already at the
+target path is left unchanged.
 """
 
 import math
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
 
 
 _DPI = 100
+_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 
 
 class PlotDependencyError(AtpfError, ImportError):
@@ -50,16 +55,44 @@ def _new_figure(width: float, height: float) -> "Figure":
     return fig
 
 
-def _png_path(path: str | os.PathLike[str]) -> Path:
+def _figure_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path; ValueError unless it ends in .png, .svg or .pdf."""
     out = Path(path)
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"path: plots are written as PNG; expected a name ending in .png (got {str(path)!r})")
+    if out.suffix.lower() not in _FORMATS:
+        raise ValueError(f"path: figures are written as PNG, SVG or PDF; expected a name ending in .png, .svg or .pdf (got {str(path)!r})")
     return out
 
 
 def _save_atomically(fig: "Figure", path: Path) -> Path:
-    """Write ``fig`` as a PNG at ``path`` atomically."""
-    return write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI))
+    """Write ``fig`` at ``path`` atomically, in the format its suffix names."""
+    fmt = _FORMATS[path.suffix.lower()]
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=_DPI))
+
+
+def save_figure(fig: "Figure", path: str | os.PathLike[str]) -> Path:
+    """Write ``fig`` atomically as PNG, SVG or PDF (by the suffix of ``path``); returns the path."""
+    return _save_atomically(fig, _figure_path(path))
+
+
+def _plain(value: float) -> str:
+    """A tick value as plain text: ``2.025``, ``0.1``, ``1000``; ``1e-05`` only where plain text would be long."""
+    return f"{value:.4g}" if value else "0"
+
+
+def _plain_log_ticks(ax: Any, which: str = "both") -> None:
+    """Label a log axis with plain numbers (``0.2``, ``2.025``, ``100``) instead of ``2×10⁻¹``.
+
+    Which ticks get a label stays matplotlib's choice (decades, and minor ticks only on short ranges);
+    only the text changes."""
+    from matplotlib.ticker import LogFormatterSciNotation
+
+    class PlainLogFormatter(LogFormatterSciNotation):
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return _plain(x) if super().__call__(x, pos) else ""
+
+    for axis in ([ax.xaxis, ax.yaxis] if which == "both" else [ax.xaxis if which == "x" else ax.yaxis]):
+        axis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+        axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
 
 
 def _vector(values: Any, arg: str) -> Tensor:
@@ -73,38 +106,44 @@ def _vector(values: Any, arg: str) -> Tensor:
     return out
 
 
-def plot_recall_curves(curves: Sequence[RecallCurve], path: str | os.PathLike[str], title: str = "") -> Path:
-    """Log-log plot of cost (forward passes, y) against ``k`` (true top nodes verified, x); returns the path.
+# ------------------------------------------------------------------------------------- recall curves
+def recall_figure(curves: Sequence[RecallCurve], title: str = "") -> "Figure":
+    """Log-log figure of cost (forward passes, y) against ``k`` (true top nodes verified, x).
 
     One line per curve through its points ``(k, cost(k))``, labelled with its RelCost; the oracle
-    diagonal ``y = x`` is dashed. Every curve lies on or above it.
-    """
+    diagonal ``y = x`` is dashed. Every curve lies on or above it. Ticks are plain numbers."""
     curves = list(curves)
     if not curves:
         raise ValueError("curves: expected at least one RecallCurve")
     for i, curve in enumerate(curves):
         if not isinstance(curve, RecallCurve):
             raise ValueError(f"curves[{i}]: expected a RecallCurve (got {type(curve).__name__})")
-    out = _png_path(path)
     fig = _new_figure(6.4, 4.8)
     ax = fig.add_subplot()
     k_top = max(c.k_max for c in curves)
     for curve in curves:
         ks = range(1, curve.k_max + 1)
-        ax.plot(ks, curve.costs.tolist(), linewidth=1.6,
-                label=f"{curve.name} (RelCost {curve.relative:.2f})")
-    ax.plot([1, k_top], [1, k_top], linestyle="--", color="0.4", linewidth=1.0, label="oracle (y = x)")
+        ax.plot(ks, curve.costs.tolist(), linewidth=1.6, label=f"{curve.name} (RelCost {curve.relative:.2f})")
+    ax.plot([1, k_top], [1, k_top], linestyle="--", color="0.4", linewidth=1.0, label="oracle (cost = k)")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("k (true top-k nodes verified)")
-    ax.set_ylabel("cost (forward passes)")
+    _plain_log_ticks(ax)
+    ax.set_xlabel("k: the true top-k nodes (by exact |effect|)")
+    ax.set_ylabel("cost: forward passes per prompt pair\n(method + verifications until all k are verified)")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
     if title:
         ax.set_title(title)
-    return _save_atomically(fig, out)
+    return fig
 
 
+def plot_recall_curves(curves: Sequence[RecallCurve], path: str | os.PathLike[str], title: str = "") -> Path:
+    """``recall_figure(curves, title)`` written to ``path`` (PNG, SVG or PDF by suffix); returns the path."""
+    out = _figure_path(path)
+    return _save_atomically(recall_figure(curves, title), out)
+
+
+# ------------------------------------------------------------------------------------- the diagnostic
 def _check_bounds(bounds: Mapping[float, Sequence[tuple[int, float]]]) -> dict[float, list[tuple[int, float]]]:
     """Validated bounds: confidence in (0, 1) -> ``(n_samples >= 0, theta)`` sorted by samples.
 
@@ -134,72 +173,106 @@ def _check_bounds(bounds: Mapping[float, Sequence[tuple[int, float]]]) -> dict[f
     return dict(sorted(checked.items()))
 
 
-def plot_diagnostic(
+def diagnostic_figure(
     verified_effects: Tensor,
     bounds: Mapping[float, Sequence[tuple[int, float]]],
-    path: str | os.PathLike[str],
     remainder_effects: Tensor | None = None,
     title: str = "",
-) -> Path:
-    """Plot the false-negative diagnostic as a PNG; returns the path.
-
-    ``verified_effects``: ``node`` true effects of the verified top nodes. ``bounds``: confidence
-    level (e.g. 0.95) -> ``[(n_samples, theta*), ...]``, the upper bound on ``|c|`` of every unverified
-    node at each sample budget. ``remainder_effects``: ``node`` true effects of the unverified nodes,
-    when known (e.g. from full patching on a small model).
-
-    First panel: ``|verified effects|`` sorted descending against rank (log y), the remainder's ``|c|``
-    sorted descending as points at the following ranks, and one horizontal line per confidence at
-    ``theta*`` of its largest sample budget. When the bounds hold more than one budget, a second panel
-    shows ``theta*`` against the number of samples (log-log), one line per confidence. ``theta*`` may
-    be ``+inf`` (too few samples); it and other non-positive values cannot be drawn on a log axis and
-    are left out (an undrawn line of the first panel stays in its legend, with its value).
-    """
-    verified = _vector(verified_effects, "verified_effects").abs().sort(descending=True).values
+    labels: Sequence[str] | None = None,
+    n_labels: int = 5,
+) -> "Figure":
+    """The false-negative diagnostic as a figure (see ``plot_diagnostic`` for the arguments and panels)."""
+    verified = _vector(verified_effects, "verified_effects").abs()
+    if labels is not None and len(labels) != verified.numel():
+        raise ValueError(f"labels: expected one label per verified effect ({verified.numel()}), got {len(labels)}")
+    order = verified.sort(descending=True, stable=True).indices
+    verified = verified[order]
+    ordered_labels = [labels[int(i)] for i in order] if labels is not None else []
     remainder = None
     if remainder_effects is not None:
         remainder = _vector(remainder_effects, "remainder_effects").abs().sort(descending=True).values
     if verified.numel() == 0 and (remainder is None or remainder.numel() == 0):
         raise ValueError("verified_effects: nothing to plot (no verified and no remainder effects)")
     checked = _check_bounds(bounds)
-    out = _png_path(path)
     budgets = {samples for rows in checked.values() for samples, _ in rows}
     two_panels = len(budgets) > 1
-    fig = _new_figure(11.0 if two_panels else 6.4, 4.8)
+    fig = _new_figure(12.0 if two_panels else 6.8, 5.4)
     axes = fig.subplots(1, 2 if two_panels else 1, squeeze=False)[0]
     colors = {conf: f"C{i + 1}" for i, conf in enumerate(checked)}
     _draw_effects_and_bound(axes[0], verified, remainder, checked, colors)
+    _label_top(axes[0], verified, ordered_labels[: max(0, n_labels)])
     if two_panels:
         _draw_bound_against_samples(axes[1], checked, budgets, colors)
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def plot_diagnostic(
+    verified_effects: Tensor,
+    bounds: Mapping[float, Sequence[tuple[int, float]]],
+    path: str | os.PathLike[str],
+    remainder_effects: Tensor | None = None,
+    title: str = "",
+    labels: Sequence[str] | None = None,
+    n_labels: int = 5,
+) -> Path:
+    """Plot the false-negative diagnostic to ``path`` (PNG, SVG or PDF by suffix); returns the path.
+
+    ``verified_effects``: ``node``, the exact effects (e.g. mean |effect| over prompt pairs) of the verified
+    top nodes. ``bounds``: confidence level (e.g. 0.95) -> ``[(n_samples, theta*), ...]``, the upper bound
+    on the |effect| of every unverified node after each sample budget. ``remainder_effects``: ``node`` true
+    effects of the unverified nodes, when known (e.g. from full patching on a small model). ``labels``: one
+    node label per verified effect (``AttributionResult.node_label``); the ``n_labels`` largest are named.
+
+    First panel: ``|effect|`` of the verified nodes sorted descending against their rank (log y, integer
+    ranks), the remainder's sorted descending as points at the following ranks, and one horizontal line
+    per confidence at ``theta*`` of its largest sample budget. When the bounds hold more than one budget,
+    a second panel shows ``theta*`` against the number of samples (log-log), one line per confidence.
+    ``theta*`` may be ``+inf`` (too few samples); it and other non-positive values cannot be drawn on a
+    log axis and are left out (an undrawn line of the first panel stays in its legend, with its value).
+    """
+    out = _figure_path(path)
+    fig = diagnostic_figure(verified_effects, bounds, remainder_effects, title, labels, n_labels)
     return _save_atomically(fig, out)
 
 
 def _draw_effects_and_bound(
     ax: Any, verified: Tensor, remainder: Tensor | None, checked: dict[float, list[tuple[int, float]]], colors: dict[float, str]
 ) -> None:
-    """``plot_diagnostic``'s first panel: |effects| against rank and one line per confidence at its last bound."""
+    """``plot_diagnostic``'s first panel: |effect| against rank and one line per confidence at its last bound."""
+    from matplotlib.ticker import MaxNLocator
+
     n_verified = verified.numel()
     if n_verified:
         ax.plot(range(1, n_verified + 1), verified.tolist(), marker="o", markersize=3, linewidth=1.2,
-                color="C0", label="verified nodes |c|")
+                color="C0", label="verified nodes: exact |effect|")
     if remainder is not None and remainder.numel():
         ax.scatter(range(n_verified + 1, n_verified + remainder.numel() + 1), remainder.tolist(), s=6,
-                   color="0.5", label="unverified nodes |c| (true)")
+                   color="0.5", label="unverified nodes: true |effect|")
     for conf, rows in checked.items():
         samples, theta = rows[-1]
-        label = f"bound θ* at {conf:.0%} (m={samples})"
+        label = f"θ* at {conf:.0%} confidence ({samples} samples)"
         if math.isfinite(theta) and theta > 0:
             ax.axhline(theta, linestyle="--", linewidth=1.2, color=colors[conf], label=label)
         else:  # not drawable on a log axis: keep it in the legend
             ax.plot([], [], linestyle="--", linewidth=1.2, color=colors[conf], label=f"{label} = {theta:g} (not drawn)")
     ax.set_yscale("log", nonpositive="mask")
-    ax.set_xlabel("rank")
-    ax.set_ylabel("|effect|")
-    ax.set_title("verified effects and bound")
+    _plain_log_ticks(ax, "y")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+    ax.set_xlabel("rank (by exact |effect|)")
+    ax.set_ylabel("|effect|: |metric change| when the node is patched\n(mean over prompt pairs)")
+    ax.set_title("verified effects and θ*, the bound on every unverified node")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(loc="upper right", fontsize="small")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=2, fontsize="small", frameon=False)
+
+
+def _label_top(ax: Any, verified: Tensor, labels: list[str]) -> None:
+    """Name the largest verified nodes: one text per node in the panel's upper right, an arrow to its point."""
+    for i, label in enumerate(labels):
+        ax.annotate(label, xy=(i + 1, float(verified[i])), xytext=(0.97, 0.95 - 0.075 * i), textcoords="axes fraction",
+                    ha="right", va="top", fontsize="small", bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85),
+                    arrowprops=dict(arrowstyle="-", color="0.6", linewidth=0.6, shrinkA=2, shrinkB=3))
 
 
 def _draw_bound_against_samples(ax: Any, checked: dict[float, list[tuple[int, float]]], budgets: set[int], colors: dict[float, str]) -> None:
@@ -208,15 +281,16 @@ def _draw_bound_against_samples(ax: Any, checked: dict[float, list[tuple[int, fl
 
     for conf, rows in checked.items():
         thetas = [t if math.isfinite(t) else math.nan for _, t in rows]
-        ax.plot([m for m, _ in rows], thetas, marker="o", color=colors[conf], label=f"θ* at {conf:.0%}")
+        ax.plot([m for m, _ in rows], thetas, marker="o", color=colors[conf], label=f"θ* at {conf:.0%} confidence")
     ax.set_xscale("log")
     ax.set_yscale("log", nonpositive="mask")
+    _plain_log_ticks(ax)
     ticks = sorted(m for m in budgets if m > 0)
     if 0 < len(ticks) <= 8:  # label the budgets themselves, not crowded minor ticks
         ax.set_xticks(ticks, [str(m) for m in ticks])
         ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("number of samples")
-    ax.set_ylabel("bound θ* on unverified |c|")
-    ax.set_title("bound against sample budget")
+    ax.set_xlabel("samples: random subsets of unverified nodes patched together")
+    ax.set_ylabel("θ*: upper bound on any unverified node's |effect|")
+    ax.set_title("the bound against the number of samples")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper right", fontsize="small")
+    ax.legend(loc="best", fontsize="small")

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from html import escape
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -28,6 +28,9 @@ from torch import Tensor
 from atpframework.errors import SchemaError, shorten
 from atpframework.io.files import write_atomically
 from atpframework.io.tables import render_table, text_table
+
+if TYPE_CHECKING:
+    from atpframework.analysis.figures import ResultPlots
 
 RESULT_SCHEMA = "atpf.result"
 """Schema id written to ``atpf.schema``."""
@@ -47,6 +50,15 @@ GRADDROP_CONVENTION = (
 
 Aggregate = Literal["mean_abs", "mean"]
 """How per-pair scores combine: mean of absolute values (the paper's convention) or signed mean."""
+
+_PLOT_ACCESSOR: list[Callable[["AttributionResult"], "ResultPlots"]] = []
+"""``AttributionResult.plot``'s factory, set by the analysis layer (``atpframework.analysis.figures``, imported
+by ``import atpframework``): this layer may not import the one that draws."""
+
+
+def register_plot_accessor(factory: Callable[["AttributionResult"], "ResultPlots"]) -> None:
+    """Make ``result.plot`` return ``factory(result)`` (called once, by ``atpframework.analysis.figures``)."""
+    _PLOT_ACCESSOR[:] = [factory]
 
 
 @dataclass(frozen=True)
@@ -317,6 +329,15 @@ class AttributionResult:
         name, _ = numbering.locate(node)
         flat = node - numbering.offsets[numbering.names.index(name)]
         return self._top_node(self[name], flat, 0.0, 0.0, math.nan).label()
+
+    @property
+    def plot(self) -> "ResultPlots":
+        """This result's figures (needs matplotlib: ``pip install 'atpframework[plot]'``), each returning a
+        ``Figure``: ``result.plot.heatmap("attn_head", position=-1)``, ``.token_strip("resid")``,
+        ``.bar("mlp_neuron", k=20)``, ``.scatter()`` (verified against estimated); ``path=`` writes PNG, SVG or PDF."""
+        if not _PLOT_ACCESSOR:
+            raise RuntimeError("result.plot: import atpframework.analysis.figures first (import atpframework does)")
+        return _PLOT_ACCESSOR[0](self)
 
     def signed_estimate(self, name: str) -> Tensor:
         """Mean over pairs of the signed per-pair estimate of selection ``name`` (``layer *axes``, float64): the
