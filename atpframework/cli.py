@@ -253,9 +253,10 @@ def diagnose_command(result_path: str, verified_top: int, samples: str, confiden
         if json_path:
             write_text_atomically(json_path, json.dumps(diagnosis.as_json(), indent=2))
         if plot:
+            from atpframework.analysis.figures import diagnostic_labels
             from atpframework.analysis.plots import plot_diagnostic
 
-            plot_diagnostic(diagnosis.verified_effects, diagnosis.bounds, plot,
+            plot_diagnostic(diagnosis.verified_effects, diagnosis.bounds, plot, labels=diagnostic_labels(updated, verified_top),
                             title=f"{result.method}: bound on unverified nodes after verifying the top {verified_top}")
             click.echo(f"wrote {plot}")
 
