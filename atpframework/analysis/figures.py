@@ -80,7 +80,7 @@ def _draw_grid(grid: Grid, how: How, title: str) -> "Figure":
     import matplotlib
 
     rows, cols = grid.values.shape
-    fig = _new_figure(_clamp(2.6 + 0.34 * cols, 5.0, 16.0), _clamp(1.8 + 0.28 * rows, 3.4, 12.0))
+    fig = _new_figure(_clamp(2.6 + 0.34 * cols, 5.5, 16.0), _clamp(1.8 + 0.2 * rows, 3.4, 10.0))
     ax = fig.add_subplot()
     limit = _limit(grid.values)
     cmap = matplotlib.colormaps["Reds" if how == "mean_abs" else "RdBu_r"].with_extremes(bad="0.8")
@@ -223,9 +223,7 @@ def scatter(result: AttributionResult, name: str | None = None, how: How = "sign
         nodes.append(numbering.global_index(numbering.names.index(n), checked.index))
     x, y, g = torch.cat(xs), torch.cat(ys), torch.cat(nodes)
     _diagonal(ax, x, y)
-    for j in torch.sort(x.abs(), descending=True, stable=True).indices[: max(0, labels)].tolist():
-        ax.annotate(result.node_label(int(g[j])), (float(x[j]), float(y[j])), xytext=(4, 4), textcoords="offset points",
-                    fontsize="x-small")
+    _name_points(ax, result, x, y, g, labels)
     scope = "mean over pairs" if pair is None else f"pair {pair}"
     ax.set_xlabel(f"exact {'|effect|' if how == 'mean_abs' else 'effect'} on {result.metric} (activation patching, {scope})")
     ax.set_ylabel(value_label(result, how, pair))
@@ -233,6 +231,19 @@ def scatter(result: AttributionResult, name: str | None = None, how: How = "sign
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", fontsize="small")
     return _finish(fig, path)
+
+
+def _name_points(ax: Any, result: AttributionResult, x: Tensor, y: Tensor, nodes: Tensor, count: int) -> None:
+    """Label the ``count`` points of largest ``|x|``; a label near an earlier one moves down a line."""
+    fig = ax.figure
+    fig.canvas.draw()  # settle the layout, so data -> pixel positions are final
+    placed: list[tuple[float, float]] = []
+    for j in torch.sort(x.abs(), descending=True, stable=True).indices[: max(0, count)].tolist():
+        px, py = ax.transData.transform((float(x[j]), float(y[j])))
+        near = sum(1 for qx, qy in placed if abs(qx - px) < 160 and abs(qy - py) < 14)
+        placed.append((px, py - 14 * near))
+        ax.annotate(result.node_label(int(nodes[j])), (float(x[j]), float(y[j])), xytext=(5, 5 - 14 * near),
+                    textcoords="offset pixels", fontsize="x-small")
 
 
 def _diagonal(ax: Any, x: Tensor, y: Tensor) -> None:

@@ -80,19 +80,27 @@ def _plain(value: float) -> str:
 
 
 def _plain_log_ticks(ax: Any, which: str = "both") -> None:
-    """Label a log axis with plain numbers (``0.2``, ``2.025``, ``100``) instead of ``2×10⁻¹``.
+    """Label a log axis with plain numbers (``0.2``, ``2.05``, ``100``) instead of ``2×10⁻¹``; call it after plotting.
 
-    Which ticks get a label stays matplotlib's choice (decades, and minor ticks only on short ranges);
-    only the text changes."""
-    from matplotlib.ticker import LogFormatterSciNotation
+    Over a range of less than a factor 5 (a log locator would leave one or two ticks, or fall back to
+    ``2.025×10⁰``) the ticks are evenly spaced round numbers; otherwise which ticks get a label stays
+    matplotlib's choice (decades, and minor ticks only on short ranges) and only the text changes."""
+    from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, MaxNLocator, NullFormatter
 
     class PlainLogFormatter(LogFormatterSciNotation):
         def __call__(self, x: float, pos: int | None = None) -> str:
             return _plain(x) if super().__call__(x, pos) else ""
 
-    for axis in ([ax.xaxis, ax.yaxis] if which == "both" else [ax.xaxis if which == "x" else ax.yaxis]):
-        axis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
-        axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+    for name in ("x", "y") if which == "both" else (which,):
+        axis = ax.xaxis if name == "x" else ax.yaxis
+        low, high = sorted(ax.get_xlim() if name == "x" else ax.get_ylim())
+        if 0 < low and high / low < 5:
+            axis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+            axis.set_major_formatter(FuncFormatter(lambda value, _: _plain(value)))
+            axis.set_minor_formatter(NullFormatter())
+        else:
+            axis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+            axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
 def _vector(values: Any, arg: str) -> Tensor:
