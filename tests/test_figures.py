@@ -162,6 +162,11 @@ def test_token_strip_sums_heads_per_position_and_draws_one_layer_as_bars(result)
     for b, v in zip(bars, grid[0].tolist()):  # position 0 is the same token in clean and noise: effect 0, grey
         assert b.get_facecolor()[:3] == pytest.approx(red if v > 0 else blue if v < 0 else grey, abs=2e-3)
     assert _ticks(strip.axes[0].get_xticklabels())[1] == f"{_q(' Mary')}/{_q(' John')}"
+    assert strip.axes[0].get_title().endswith("\nlayer 0, summed over 4 heads")
+    magnitude = result.plot.token_strip("attn_head", layer=0, how="mean_abs").axes[0].containers[0]
+    assert [b.get_height() for b in magnitude] == pytest.approx(per_pair.abs().mean(0).sum(-1)[0].tolist(), abs=1e-6)
+    for b, v in zip(magnitude, grid[0].tolist()):  # coloured by the sign of the signed estimate
+        assert b.get_facecolor()[:3] == pytest.approx(red if v > 0 else blue if v < 0 else grey, abs=2e-3)
     default = result.plot.token_strip(layer=1)  # the first selection with several positions: attn_head
     assert [b.get_height() for b in default.axes[0].containers[0]] == pytest.approx(grid[1].tolist(), abs=1e-6)
     resid = result.plot.token_strip("resid", layer=2, pair=0)

@@ -124,7 +124,7 @@ def token_strip(result: AttributionResult, name: str | None = None, layer: int |
     if layer is None:
         return _finish(_draw_grid(strip, how, title_head(result, name, pair) + strip.note), path)
     row = strip.row_of(layer)
-    signs = _signs(result, name, how, pair, lambda v: position_strip(result, name, v, "signed", pair).values[row])
+    signs = _signs(how, lambda: position_strip(result, name, node_values(result, name, "signed", pair), "signed", pair).values[row])
     heights = strip.values[row]
     fig = _new_figure(_clamp(2.4 + 0.4 * len(heights), 5.0, 16.0), 4.0)
     ax = fig.add_subplot()
@@ -133,18 +133,19 @@ def token_strip(result: AttributionResult, name: str | None = None, layer: int |
     _set_ticks(ax, "x", strip.column_labels, rotate=True)
     ax.set_xlabel(strip.column_title)
     ax.set_ylabel(strip.value_label)
-    ax.set_title(f"{title_head(result, name, pair)}\nlayer {layer}{strip.note.strip()}".rstrip(), fontsize="medium")
+    note = f", {strip.note.strip()}" if strip.note else ""
+    ax.set_title(f"{title_head(result, name, pair)}\nlayer {layer}{note}", fontsize="medium")
     ax.grid(True, axis="y", alpha=0.3)
     return _finish(fig, path)
 
 
-def _signs(result: AttributionResult, name: str, how: How, pair: int | None, reduce: Callable[[Tensor], Tensor]) -> Tensor | None:
-    """For ``mean_abs`` bars (all >= 0): the signed estimate reduced like the bars, whose sign colours them;
-    None for other ``how`` (the bars carry their own sign) or when the result has no signed estimate."""
+def _signs(how: How, signed: Callable[[], Tensor]) -> Tensor | None:
+    """For ``mean_abs`` bars (all >= 0): ``signed()``, the signed estimate of the same bars, whose sign colours
+    them; None for other ``how`` (the bars carry their own sign) or when the result has no signed estimate."""
     if how != "mean_abs":
         return None
     try:
-        return reduce(node_values(result, name, "signed", pair))
+        return signed()
     except ValueError:
         return None
 
@@ -168,7 +169,7 @@ def bar(result: AttributionResult, name: str | None = None, k: int = 20, how: Ho
     nodes = torch.cat([torch.arange(result[n].per_pair[0].numel()) + offsets[n] for n in names])
     key = torch.where(torch.isnan(values), torch.tensor(-1.0, dtype=values.dtype), values.abs())
     top = torch.sort(key, descending=True, stable=True).indices[:k]
-    signs = _signs(result, names[0], how, pair, lambda _: torch.cat([node_values(result, n, "signed", pair).flatten() for n in names])[top])
+    signs = _signs(how, lambda: torch.cat([node_values(result, n, "signed", pair).flatten() for n in names])[top])
     heights = values[top]
     labels = [result.node_label(int(g)) for g in nodes[top]]
     fig = _new_figure(8.0, _clamp(1.4 + 0.3 * len(labels), 3.0, 16.0))
