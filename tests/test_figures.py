@@ -11,12 +11,13 @@ import torch
 
 pytest.importorskip("matplotlib")
 
-import atpframework as af  # noqa: E402
-from atpframework.analysis.figures import ResultPlots, diagnostic_labels  # noqa: E402
-from atpframework.analysis.plots import diagnostic_figure, recall_figure  # noqa: E402
-from atpframework.analysis.recall import recall_curve  # noqa: E402
-from atpframework.analysis.verify import verify  # noqa: E402
-from conftest import make_plan, tiny_model  # noqa: E402
+from conftest import make_plan, tiny_model
+
+import atpframework as af
+from atpframework.analysis.figures import ResultPlots, diagnostic_labels
+from atpframework.analysis.plots import diagnostic_figure, recall_figure
+from atpframework.analysis.recall import recall_curve
+from atpframework.analysis.verify import verify
 
 VOCAB = {i: f" w{i}" for i in range(64)} | {1: "When", 2: " Mary", 8: " John", 5: " gave", 6: " to"}
 PROMPTS = [  # the clean prompts differ only at position 1 (" Mary" / " John"); every prompt ends in " to"

@@ -62,7 +62,7 @@ def _set_ticks(ax: Any, axis: str, labels: list[str], rotate: bool = False, most
     where = list(range(0, len(labels), step))
     text = [labels[i] for i in where]
     if axis == "x":
-        extra = dict(rotation=60, ha="right", rotation_mode="anchor") if rotate else {}
+        extra: dict[str, Any] = {"rotation": 60, "ha": "right", "rotation_mode": "anchor"} if rotate else {}
         ax.set_xticks(where, text, **extra)
     else:
         ax.set_yticks(where, text)

@@ -85,7 +85,12 @@ def _plain_log_ticks(ax: Any, which: str = "both") -> None:
     Over a range of less than a factor 5 (a log locator would leave one or two ticks, or fall back to
     ``2.025×10⁰``) the ticks are evenly spaced round numbers; otherwise which ticks get a label stays
     matplotlib's choice (decades, and minor ticks only on short ranges) and only the text changes."""
-    from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, MaxNLocator, NullFormatter
+    from matplotlib.ticker import (
+        FuncFormatter,
+        LogFormatterSciNotation,
+        MaxNLocator,
+        NullFormatter,
+    )
 
     class PlainLogFormatter(LogFormatterSciNotation):
         def __call__(self, x: float, pos: int | None = None) -> str:
@@ -279,8 +284,8 @@ def _label_top(ax: Any, verified: Tensor, labels: list[str]) -> None:
     """Name the largest verified nodes: one text per node in the panel's upper right, an arrow to its point."""
     for i, label in enumerate(labels):
         ax.annotate(label, xy=(i + 1, float(verified[i])), xytext=(0.97, 0.95 - 0.075 * i), textcoords="axes fraction",
-                    ha="right", va="top", fontsize="small", bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85),
-                    arrowprops=dict(arrowstyle="-", color="0.6", linewidth=0.6, shrinkA=2, shrinkB=3))
+                    ha="right", va="top", fontsize="small", bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85},
+                    arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.6, "shrinkA": 2, "shrinkB": 3})
 
 
 def _draw_bound_against_samples(ax: Any, checked: dict[float, list[tuple[int, float]]], budgets: set[int], colors: dict[float, str]) -> None:
