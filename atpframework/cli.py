@@ -5,6 +5,7 @@
     atpf verify RESULT (--budget N | --until-stable) [--top K] [--threshold X] [-o OUT]
     atpf diagnose RESULT --verified-top K --samples M[,M2..] [--confidence 0.9,0.99] [--plot PNG]
     atpf compare PLAN.json --methods atp,atp_star,... [--ground-truth RESULT] --out DIR
+    atpf report RESULT [-o REPORT.html] [--diagnosis DIAG.json] [--title TEXT]
     atpf schema                                     print the plan JSON Schema
 
 Exit codes: 0 success; 2 a bad plan or usage (one-paragraph message); 1 a runtime failure.
@@ -290,6 +291,56 @@ def compare_command(plan_path: str, methods: str, ground_truth: str | None, k_ma
         click.echo("wrote " + ", ".join(str(p) for p in written))
 
     _guard(debug, action)
+
+
+@main.command("report")
+@click.argument("result_path", metavar="RESULT", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="HTML file to write [default: RESULT with the suffix .html]; an existing file is replaced only if it is .html or .htm.")
+@click.option("--diagnosis", "diagnosis_path", type=click.Path(dir_okay=False),
+              help="JSON written by `atpf diagnose RESULT --json` for this result: adds the bound and its warnings.")
+@click.option("--title", help="Page title [default: method, metric and model].")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def report_command(result_path: str, output: str | None, diagnosis_path: str | None, title: str | None, debug: bool) -> None:
+    """Write a self-contained HTML report of RESULT: the run, prompts, heatmaps, top nodes, verification (opens offline)."""
+    from atpframework.analysis.report import write_report
+    from atpframework.io.results import load_result
+
+    def action() -> None:
+        target = _report_target(result_path, output)
+        result = load_result(result_path)
+        diagnosis = _read_diagnosis(diagnosis_path, result) if diagnosis_path else None
+        written = write_report(result, target, diagnosis=diagnosis, title=title)
+        click.echo(f"wrote {written} ({written.stat().st_size / 1024:.0f} kB)")
+
+    _guard(debug, action)
+
+
+def _report_target(result_path: str, output: str | None) -> str:
+    """Where ``atpf report`` writes: ``--output``, or RESULT with ``.html``; never RESULT itself nor a non-HTML file."""
+    from pathlib import Path
+
+    target = Path(output) if output else Path(result_path).with_suffix(".html")
+    if target.exists() and Path(result_path).exists() and os.path.samefile(target, result_path):
+        raise PlanError(f"--output: {shorten(str(target))} is RESULT itself; name an .html file")
+    if target.exists() and target.suffix.lower() not in (".html", ".htm"):
+        raise PlanError(f"--output: {shorten(str(target))} exists and is not an .html or .htm file; not replacing it")
+    return str(target)
+
+
+def _read_diagnosis(path: str, result: Any) -> Any:
+    """``--diagnosis``: the JSON of ``atpf diagnose --json``, which must describe RESULT's nodes."""
+    from atpframework.analysis.report import load_diagnosis
+
+    try:
+        diagnosis = load_diagnosis(path)
+    except SchemaError as err:
+        raise SchemaError(f"--diagnosis {err}") from None
+    covered, n_nodes = diagnosis.verified_top + diagnosis.remainder, result.numbering.n_nodes
+    if covered != n_nodes:
+        raise PlanError(f"--diagnosis {shorten(path)}: covers {covered} nodes (verified_top + remainder) but RESULT has "
+                        f"{n_nodes}; it is the diagnosis of another result")
+    return diagnosis
 
 
 @main.command("schema")

@@ -184,7 +184,7 @@ LAYERS = [
     ("methods", ["methods", "methods.base", "methods.atp", "methods.patching", "methods.baselines"]),
     ("engine", ["engine", "engine.runner", "engine.checks", "engine.checkpoint", "engine.outputs", "engine.distributed"]),
     ("python api", ["api"]),
-    ("analysis", ["analysis", "analysis.verify", "analysis.recall", "analysis.compare", "analysis.plots"]),
+    ("analysis", ["analysis", "analysis.verify", "analysis.recall", "analysis.compare", "analysis.plots", "analysis.report"]),
     ("entry points", ["cli", "testing", "__init__", "__main__"]),
 ]
 """The layers of docs/architecture.md, top first (one folder of atpframework/ each, the foundations and the

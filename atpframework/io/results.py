@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from html import escape
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
@@ -419,6 +420,16 @@ class AttributionResult:
         values = ns.per_pair.to_dense() if ns.per_pair.is_sparse else ns.per_pair
         return xr.DataArray(values.double().numpy(), dims=dims, coords=coords, name=ns.name,
                             attrs={"kind": ns.kind, "method": self.method, "metric": self.metric})
+
+    def report(self, path: str | Path, *, diagnosis: Any = None, title: str | None = None) -> Path:
+        """Write a self-contained HTML report of this result to ``path`` (summary, prompts with tokens, heatmaps,
+        top nodes, verification; ``diagnosis``: an ``analysis.verify.Diagnosis`` to show its bound); returns the
+        path. See ``atpframework.analysis.report.write_report``."""
+        # The report belongs to the analysis layer, below this one: it is found by name when called, so loading
+        # a result never imports it (the layer rule of docs/architecture.md).
+        report = import_module("atpframework.analysis.report")
+        written: Path = report.write_report(self, path, diagnosis=diagnosis, title=title)
+        return written
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:
