@@ -157,7 +157,7 @@
     const left = 46, top = rotated ? 96 : 22;
     const W = left + cols.length * cw + 110, H = top + rows.length * ch + 14;
     const signed = mode !== "score";
-    const lim = mode === "score" ? view.limits.score : view.limits.signed;
+    const lim = view.limits[mode];
     const values = gr[mode];
     const svg = sv("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}`, class: "grid", role: "img",
       "aria-label": `${sel.name}: ${mode} by ${view.rows.axis} and ${view.cols.axis || "layer"}` });

@@ -291,7 +291,7 @@ def _view(labels: _Labels, values: dict[str, Tensor], columns: str | None, slice
         "sliced": sliced,
         "reduced": {"axes": reduced, "size": size} if size > 1 else None,
         "has_verified": bool(torch.isfinite(values["verified"]).any()),
-        "limits": {key: _limit(values[key], node[keep]) for key in ("score", "signed")},
+        "limits": {key: _limit(values[key], node[keep]) for key in ("score", "signed", "verified")},
         "grids": grids,
     }
     return view, budget - cells * len(keep)
