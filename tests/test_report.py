@@ -3,6 +3,7 @@ values (checked against numbers computed here from the per-pair scores), markup 
 caps keep a large result's page small, and ``atpf report`` with its errors. The page in a real browser:
 test_report_browser.py."""
 
+import dataclasses
 import json
 import math
 import re
@@ -15,7 +16,7 @@ from conftest import make_plan, tiny_model
 from report_helpers import HOSTILE, report_inputs
 
 import atpframework as af
-from atpframework.analysis.report import MAX_CELLS, load_diagnosis, render_report, report_data
+from atpframework.analysis.report import MAX_CELLS, MAX_PAIRS, MAX_TOKENS, load_diagnosis, render_report, report_data
 from atpframework.io.results import AttributionResult, NodeScores, load_result
 
 
@@ -188,6 +189,18 @@ def test_a_large_result_is_capped_and_says_so():
     strongest = result["heads"].aggregate("mean_abs").amax(dim=(0, 2))  # per position
     assert set(kept) == set(strongest.argsort(descending=True)[: len(kept)].tolist())  # the strongest positions stay
     assert data["prompts"]["decoded"] is False and data["prompts"]["pairs"][0]["clean"][:2] == ["#0", "#1"]
+
+
+def test_many_long_prompts_are_cut_and_the_page_says_so():
+    pairs = 300
+    result = _synthetic({"resid": ("resid", ["pair", "layer", "pos"], (2, 600))}, pairs=pairs)
+    plan = {"model": {"source": "synthetic"}, "prompts": [{"clean": list(range(600)), "noise": list(range(600))}] * pairs}
+    result = dataclasses.replace(result, plan_json=json.dumps(plan))
+    data = blob(render_report(result))
+    assert len(data["prompts"]["pairs"]) == MAX_PAIRS and all(len(p["clean"]) == MAX_TOKENS for p in data["prompts"]["pairs"])
+    assert len(data["summary"]["plan"]["prompts"]) == MAX_PAIRS
+    assert {"Prompts: the first 20 of 300 pairs are shown.", "Prompts: the first 512 tokens of each prompt are shown.",
+            "Plan: its first 20 of 300 prompts are shown."} <= set(data["notes"])
 
 
 def test_nan_and_infinity_become_valid_json():

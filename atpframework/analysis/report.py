@@ -18,7 +18,8 @@ so no prompt text can end the tag). ``report_data`` builds that document; the pa
 * with a ``Diagnosis``: the bound per confidence against samples, and its warnings.
 
 Per-node data is capped (``MAX_CELLS`` heatmap cells, ``MAX_TABLE_ROWS`` table rows, ``MAX_POINTS`` verified
-nodes, ``MAX_PAIRS`` prompts of at most ``MAX_TOKENS`` tokens); the page says what was left out.
+nodes, ``MAX_PAIRS`` prompts of at most ``MAX_TOKENS`` tokens, the plan's prompts beyond ``MAX_PAIRS`` when it
+is long); the page says what was left out.
 """
 
 import html
@@ -46,6 +47,8 @@ MAX_PAIRS = 20
 """Prompt pairs shown token by token."""
 MAX_TOKENS = 512
 """Tokens shown per prompt."""
+MAX_PLAN_CHARS = 100_000
+"""A plan longer than this (as JSON) is shown with its first ``MAX_PAIRS`` prompts only."""
 MAX_DENSE = 4_000_000
 """A sparse (``keep_top``) selection is drawn only when its dense shape has at most this many nodes."""
 _DIGITS = 7
@@ -91,7 +94,7 @@ def report_data(result: AttributionResult, *, diagnosis: Diagnosis | None = None
     notes: list[str] = []
     data: dict[str, Any] = {
         "title": title or f"{result.method} · {result.metric} · {result.model.get('source', '?')}",
-        "summary": _summary(result),
+        "summary": _summary(result, notes),
         "prompts": _prompts(result, notes),
         "selections": _selections(result, notes),
         "top": _top_rows(result),
@@ -103,8 +106,13 @@ def report_data(result: AttributionResult, *, diagnosis: Diagnosis | None = None
 
 
 # ----------------------------------------------------------------------------------------- summary
-def _summary(result: AttributionResult) -> dict[str, Any]:
+def _summary(result: AttributionResult, notes: list[str]) -> dict[str, Any]:
     clean, noise = result.metric_clean.double(), result.metric_noise.double()
+    plan = result.plan
+    prompts = plan.get("prompts")
+    if len(result.plan_json) > MAX_PLAN_CHARS and isinstance(prompts, list) and len(prompts) > MAX_PAIRS:
+        plan["prompts"] = prompts[:MAX_PAIRS]
+        notes.append(f"Plan: its first {MAX_PAIRS} of {len(prompts)} prompts are shown.")
     return {
         "model": result.model,
         "method": result.method,
@@ -112,13 +120,11 @@ def _summary(result: AttributionResult) -> dict[str, Any]:
         "sign_convention": result.sign_convention,
         "graddrop": result.sign_convention == GRADDROP_CONVENTION,
         "pairs": len(clean),
-        "metric_clean": clean.tolist(),
-        "metric_noise": noise.tolist(),
         "mean_clean": float(clean.mean()),
         "mean_noise": float(noise.mean()),
         "created": result.created,
         "versions": result.versions,
-        "plan": result.plan,
+        "plan": plan,
         "selections": {n: {"kind": ns.kind, "dims": list(ns.dims), "shape": list(ns.per_pair.shape[1:]),
                            "sparse": bool(ns.per_pair.is_sparse)} for n, ns in result.nodes.items()},
     }

@@ -21,7 +21,7 @@ from html import escape
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -29,6 +29,9 @@ from torch import Tensor
 from atpframework.errors import SchemaError, shorten
 from atpframework.io.files import write_atomically
 from atpframework.io.tables import render_table, text_table
+
+if TYPE_CHECKING:  # types only: the analysis layer sits below this one
+    from atpframework.analysis.verify import Diagnosis
 
 RESULT_SCHEMA = "atpf.result"
 """Schema id written to ``atpf.schema``."""
@@ -421,7 +424,7 @@ class AttributionResult:
         return xr.DataArray(values.double().numpy(), dims=dims, coords=coords, name=ns.name,
                             attrs={"kind": ns.kind, "method": self.method, "metric": self.metric})
 
-    def report(self, path: str | Path, *, diagnosis: Any = None, title: str | None = None) -> Path:
+    def report(self, path: str | Path, *, diagnosis: "Diagnosis | None" = None, title: str | None = None) -> Path:
         """Write a self-contained HTML report of this result to ``path`` (summary, prompts with tokens, heatmaps,
         top nodes, verification; ``diagnosis``: an ``analysis.verify.Diagnosis`` to show its bound); returns the
         path. See ``atpframework.analysis.report.write_report``."""
