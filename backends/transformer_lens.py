@@ -12,6 +12,7 @@ model's.
 import json
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -66,6 +67,17 @@ def site_of_tl_hook_name(hook_name: str) -> Site | None:
     return None
 
 
+def _model_classes() -> tuple[Any, ...]:
+    """The model classes this backend serves: ``HookedTransformer``, and ``TransformerBridge`` where TransformerLens has it."""
+    from transformer_lens import HookedTransformer
+
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:  # pragma: no cover - TL without the bridge
+        return (HookedTransformer,)
+    return (HookedTransformer, TransformerBridge)
+
+
 class TransformerLensBackend(AbstractBackend):
     """Runs plans on TransformerLens models."""
 
@@ -74,11 +86,7 @@ class TransformerLensBackend(AbstractBackend):
     def __init__(self, model: Any, tokenizer: Any = None, source: str = "in_memory") -> None:
         from transformer_lens import HookedTransformer
 
-        try:
-            from transformer_lens.model_bridge import TransformerBridge
-        except ImportError:  # pragma: no cover - TL without the bridge
-            TransformerBridge = ()  # type: ignore[assignment,misc]
-        if not isinstance(model, (HookedTransformer, TransformerBridge)):
+        if not isinstance(model, _model_classes()):
             raise BackendError(
                 f"the transformer_lens backend serves HookedTransformer or TransformerBridge models, got {type(model).__name__}"
             )
@@ -118,6 +126,11 @@ class TransformerLensBackend(AbstractBackend):
     @classmethod
     def from_model(cls, model: Any, *, tokenizer: Any = None) -> "TransformerLensBackend":
         return cls(model, tokenizer=tokenizer)
+
+    @classmethod
+    def handles(cls, model: Any) -> bool:
+        """``HookedTransformer`` (sae_lens's ``HookedSAETransformer`` included) and ``TransformerBridge`` objects."""
+        return "transformer_lens" in sys.modules and isinstance(model, _model_classes())
 
     @classmethod
     def load(cls, source: str, *, dtype: str, device: str, options: Mapping[str, Any]) -> "TransformerLensBackend":

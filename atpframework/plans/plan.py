@@ -225,7 +225,10 @@ def _tagged_union(classes: tuple[type, ...], tag: str) -> Any:
 def parse_plan(data: Any) -> AttributionPlan:
     """Validate a plan given as a dict (or an ``AttributionPlan``), loading the node plugins it names."""
     if isinstance(data, AttributionPlan):
+        backend_named = "backend" in data.model.model_fields_set
         data = data.model_dump(mode="json", by_alias=True)
+        if not backend_named:  # left out, the backend follows a model object passed to af.run
+            del data["model"]["backend"]
     if not isinstance(data, dict):
         raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
     found = document_problems(data)
