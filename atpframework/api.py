@@ -91,7 +91,7 @@ def run(
             the plan file (or the working directory) and must stay inside it (``outputs.py``).
         overwrite: replace an existing file at the output even if it is not an atpframework result.
         progress: ``True``: a progress bar on stderr (a widget in Jupyter) per batch of prompt pairs, with the
-            forward passes run so far; ``False``: none; a callable: called with the number of pairs finished
+            passes run so far; ``False``: none; a callable: called with the number of pairs finished
             after each batch instead (``atpframework.io.progress``).
         saes: SAE objects (e.g. sae_lens ``SAE``) for plan ``saes`` entries without a path or release, by name.
         distributed: shard the batches over the processes of a ``torchrun`` launch (see

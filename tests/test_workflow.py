@@ -129,7 +129,8 @@ def test_run_draws_a_bar_on_stderr_and_progress_false_silences_it(capsys):
     shown = af.run(plan, model=model)
     out, err = capsys.readouterr()
     assert out == ""
-    assert "atp: prompt pairs" in err and "2/2" in err and BAR in err and "forward pass" in err
+    assert "atp: prompt pairs" in err and "2/2" in err and BAR in err
+    assert "6 passes" in err  # AtP: a noise and a clean forward and one backward per batch, 2 batches
     quiet = af.run(plan, model=model, progress=False)
     out, err = capsys.readouterr()
     assert BAR not in err and "prompt pairs" not in err

@@ -110,7 +110,7 @@ def compare(
     ``k_max``: the largest k (default: min(nodes, 200)).
     ``log``: called with a line before each run starts.
     ``progress``: ``True``: a progress bar on stderr per method (``compare: atp_star``), per batch of prompt
-    pairs with the forward passes run so far; ``False``: none; a callable: called with the pairs finished
+    pairs with the passes run so far; ``False``: none; a callable: called with the pairs finished
     after each batch of each run (``atpframework.io.progress``).
     """
     plan = as_plan(plan)

@@ -4,7 +4,8 @@ Every long-running entry point takes ``progress: Progress``:
 
 * ``True`` (the default): a ``tqdm.auto`` bar on stderr (a notebook widget in Jupyter) with a
   description of what is running, a count, a rate and an ETA; while a bar is open it also counts the
-  forward passes run (``note_pass``, called by ``Intervention.run``), so a long batch is visibly alive;
+  passes run (``note_pass``: each forward pass of an ``Intervention``, each backward pass of the AtP
+  family), so a long batch is visibly alive;
 * ``False`` or ``None``: silent;
 * a callable: called with the number of units (prompt pairs, nodes, samples) finished at each step,
   and no bar is drawn (what an outer bar passes to an inner stage, and what a caller with its own
@@ -27,7 +28,7 @@ _ACTIVE: ContextVar["Bar | None"] = ContextVar("atpf_progress_bar", default=None
 
 
 def note_pass() -> None:
-    """One forward pass finished: the innermost open bar (if any) shows the count."""
+    """One forward or backward pass finished: the innermost open bar (if any) shows the count."""
     bar = _ACTIVE.get()
     if bar is not None:
         bar.count_pass()
@@ -71,9 +72,9 @@ class Bar:
             self._tqdm.update(n)
 
     def count_pass(self) -> None:
-        """One more forward pass ran; redrawn at most every ``_REFRESH_S`` seconds."""
+        """One more pass ran; redrawn at most every ``_REFRESH_S`` seconds."""
         self._passes += 1
-        self._tqdm.set_postfix_str(f"{self._passes} forward pass{'' if self._passes == 1 else 'es'}", refresh=False)
+        self._tqdm.set_postfix_str(f"{self._passes} pass{'' if self._passes == 1 else 'es'}", refresh=False)
         now = time.monotonic()
         if now - self._drawn >= _REFRESH_S:
             self._drawn = now
