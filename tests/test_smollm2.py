@@ -97,3 +97,25 @@ def test_hugging_face_backend_matches_transformer_lens_on_ioi_atp_star(backend):
         a, b = tl[name].per_pair, hf[name].per_pair
         assert a.abs().max() > 0.1
         assert (a - b).abs().max().item() <= 1e-4 * a.abs().max().item(), name
+
+
+def test_the_converted_weights_cache_gives_the_tensors_of_a_fresh_conversion(backend):
+    """Bundled models load through the TransformerLens backend's cache of converted weights (``backends/tl_cache.py``):
+    a cached load holds exactly the tensors of a conversion from the Hugging Face model, and computes the same logits."""
+    from atpframework.backends.transformer_lens import TransformerLensBackend
+    from atpframework.model.bundled import bundled_model_dir
+
+    path = bundled_model_dir("bundled:smollm2-135m-instruct")
+    assert list((path / "transformer_lens").glob("*.safetensors")), "the fixture's load should have stored an entry"
+
+    def load(cache):
+        return TransformerLensBackend._from_hf_dir(path, "bundled:smollm2-135m-instruct", torch.float32, "cpu",
+                                                   "hooked_transformer", prepend_bos=False, cache=cache)
+
+    cached, fresh = load(True).model, load(False).model
+    ours, theirs = cached.state_dict(), fresh.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    tokens = torch.tensor([backend.tokenize(IOI["clean"], None)])
+    with torch.no_grad():
+        assert torch.equal(cached(tokens), fresh(tokens))
