@@ -1,6 +1,6 @@
 """The Python entry points: load a backend for a plan, compile it, run it, save the result."""
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -11,6 +11,7 @@ from atpframework.engine.checkpoint import Checkpoint, is_complete, run_fingerpr
 from atpframework.engine.outputs import check_writable, resolve_output
 from atpframework.engine.runner import assemble, compile_plan, report_problems, run_batches
 from atpframework.errors import PlanError, PluginError, shorten
+from atpframework.io.progress import Bar, Progress, check_progress
 from atpframework.io.results import AttributionResult, NodeScores, now_utc, package_versions
 from atpframework.model.backend import AbstractBackend
 from atpframework.model.node import BoundNodes
@@ -143,7 +144,7 @@ def run(
     backend: AbstractBackend | None = None,
     output: str | Path | None = None,
     overwrite: bool = False,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress = True,
     saes: Mapping[str, Any] | None = None,
     distributed: bool | None = None,
     resume: bool | None = None,
@@ -160,7 +161,9 @@ def run(
         output: result path, taken as given; overrides ``plan.output``, which is resolved relative to
             the plan file (or the working directory) and must stay inside it (``outputs.py``).
         overwrite: replace an existing file at the output even if it is not an atpframework result.
-        progress: called with the number of pairs finished after each batch.
+        progress: ``True``: a progress bar on stderr (a widget in Jupyter) per batch of prompt pairs, with the
+            passes run so far; ``False``: none; a callable: called with the number of pairs finished
+            after each batch instead (``atpframework.io.progress``).
         saes: SAE objects (e.g. sae_lens ``SAE``) for plan ``saes`` entries without a path or release, by name.
         distributed: shard the batches over the processes of a ``torchrun`` launch (see
             ``atpframework.engine.distributed``); every rank returns the full result and rank 0 alone saves it.
@@ -171,6 +174,7 @@ def run(
     """
     plan_path = plan if isinstance(plan, (str, Path)) else None
     plan = as_plan(plan)
+    progress = check_progress(progress)
     metric_fn = resolve_metric(plan.metric, metric)
     target = preflight(
         plan, plan_path, output, overwrite, check_device=model is None and backend is None, metric_given=metric is not None
@@ -188,22 +192,28 @@ def run(
 
 
 def _run_compiled(
-    compiled: CompiledPlan, backend: AbstractBackend, metric_fn: Metric, progress: Callable[[int], None] | None,
+    compiled: CompiledPlan, backend: AbstractBackend, metric_fn: Metric, progress: Progress,
     group: parallel.Group | None, target: Path | None, overwrite: bool, resume: bool,
 ) -> AttributionResult:
     """Run every batch (this process's shard, under a checkpoint when resuming), assemble the result, save it."""
     main = group is None or group.is_main
+    mine = None if group is None else parallel.shard(len(compiled.batches), group)
+    total = len(compiled.pairs) if mine is None else sum(len(compiled.batches[i].pair_indices) for i in mine)
+    desc = f"{compiled.plan.method.name}: prompt pairs"
+    if group is not None:
+        desc += f" (rank {group.rank} of {group.world}; {len(compiled.pairs)} in all)"
     with ExitStack() as stack:
+        bar = stack.enter_context(Bar(progress if main or progress is not True else False, total, desc, "pair"))  # one voice
         checkpoint = _checkpoint(compiled, backend, target, group) if resume and target is not None else None
         if checkpoint is not None:
             stack.enter_context(checkpoint)
         finished = checkpoint.finished() if checkpoint is not None else None
         on_batch = checkpoint.save if checkpoint is not None else None
+        outputs = run_batches(compiled, backend, metric_fn, bar.update, mine, finished, on_batch)
         if group is None:
-            executed = assemble(compiled, run_batches(compiled, backend, metric_fn, progress, None, finished, on_batch))
+            executed = assemble(compiled, outputs)
         else:
-            mine = run_batches(compiled, backend, metric_fn, progress, parallel.shard(len(compiled.batches), group), finished, on_batch)
-            executed = assemble(compiled, parallel.all_outputs(mine, group))
+            executed = assemble(compiled, parallel.all_outputs(outputs, group))
         result = _result(compiled, backend, executed)
         if target is not None and main:
             check_writable(target, overwrite)
