@@ -4,7 +4,7 @@ Importing this package loads no model library (transformer_lens, transformers, s
 node types and methods are plugins, imported only when a plan names them.
 """
 
-from atpframework.analysis import figures as _figures  # noqa: F401  (gives AttributionResult its .plot)
+from atpframework.analysis.session import Session as Session
 from atpframework.api import as_plan as as_plan
 from atpframework.api import compile as compile
 from atpframework.api import load_backend as load_backend
@@ -39,6 +39,6 @@ from atpframework.version import __version__ as __version__
 __all__ = [
     "AbstractBackend", "AbstractMethod", "AbstractNode", "AtpfError", "AttributionPlan", "AttributionResult", "BackendError",
     "BatchRun", "BatchScores", "CompiledPlan", "Intervention", "PassStep", "MethodConfig", "MetricInputs", "ModelInfo", "NodeSpec", "PlanError", "PluginError", "SchemaError",
-    "Selection", "Site", "as_plan", "compile", "load_backend", "load_plan", "load_result", "parse_plan",
+    "Selection", "Session", "Site", "as_plan", "compile", "load_backend", "load_plan", "load_result", "parse_plan",
     "plan_json_schema", "run",
 ]

@@ -1,6 +1,6 @@
 """The Python entry points: load a backend for a plan, compile it, run it, save the result."""
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -11,6 +11,7 @@ from atpframework.engine.checkpoint import Checkpoint, is_complete, run_fingerpr
 from atpframework.engine.outputs import check_writable, resolve_output
 from atpframework.engine.runner import assemble, compile_plan, report_problems, run_batches
 from atpframework.errors import PlanError, PluginError, shorten
+from atpframework.io.progress import Bar, Progress, check_progress
 from atpframework.io.results import AttributionResult, NodeScores, now_utc, package_versions
 from atpframework.model.backend import AbstractBackend
 from atpframework.model.node import BoundNodes
@@ -32,16 +33,85 @@ def as_plan(plan: PlanLike) -> AttributionPlan:
 
 
 def load_backend(plan: AttributionPlan, model: Any = None, tokenizer: Any = None, device: str | None = None) -> AbstractBackend:
-    """Instantiate the plan's backend, around ``model`` if given, else from ``plan.model.source``
-    (on ``device`` instead of the plan's, when given)."""
+    """Instantiate the plan's backend, around ``model`` if given (the backend ``backend_for`` picks for
+    the object), else from ``plan.model.source`` (on ``device`` instead of the plan's, when given)."""
+    if model is not None:
+        return _backend_class(backend_for(plan, model)).from_model(model, tokenizer=tokenizer)
+    spec = plan.model
+    return _backend_class(spec.backend).load(spec.source, dtype=spec.dtype, device=device or spec.device, options=spec.options)
+
+
+def backend_for(plan: AttributionPlan, model: Any) -> str:
+    """The backend that runs ``plan`` on the model object ``model``: the one the plan names in
+    ``model.backend``, or, when the plan leaves it out, the installed backend whose ``handles(model)`` is
+    true (``AbstractBackend.handles``; third-party backends take part alike).
+
+    A ``PlanError`` at ``model.backend`` when the plan names a backend that does not handle the object
+    while another does, when the plan names none and no backend or several handle it. When no
+    backend claims the object, a named backend is still tried (its ``from_model`` says what it serves)."""
+    named = plan.model.backend
+    explicit = "backend" in plan.model.model_fields_set
+    if explicit and _backend_class(named).handles(model):
+        return named
+    what = f"{type(model).__module__}.{type(model).__qualname__}"
+    handlers = [name for name in plugins.available("backends") if _handles(name, model)]
+    if explicit:
+        if handlers:
+            raise PlanError(
+                f"model.backend: the plan names {shorten(named)}, which does not handle a {what} object; "
+                f"the {handlers[0]!r} backend does: name it in model.backend, or leave model.backend out to "
+                "pick the backend from the model object"
+            )
+        return named
+    if len(handlers) == 1:
+        return handlers[0]
+    if handlers:
+        raise PlanError(
+            f"model.backend: several installed backends handle a {what} object ({', '.join(map(repr, handlers))}); "
+            "name one in model.backend"
+        )
+    raise PlanError(
+        f"model.backend: no installed backend handles a {what} object; installed: "
+        f"{'; '.join(_described(name) for name in plugins.available('backends'))}. Pass a model one of them "
+        "serves, or name a backend in model.backend"
+    )
+
+
+def _backend_class(name: str) -> type[AbstractBackend]:
+    """The backend plugin ``name``; a ``PlanError`` at ``model.backend`` if it cannot be loaded."""
     try:
-        backend_cls = plugins.load("backends", plan.model.backend)
+        cls: type[AbstractBackend] = plugins.load("backends", name)
     except PluginError as err:
         raise PlanError(f"model.backend: {err}") from err
-    if model is not None:
-        return backend_cls.from_model(model, tokenizer=tokenizer)
-    spec = plan.model
-    return backend_cls.load(spec.source, dtype=spec.dtype, device=device or spec.device, options=spec.options)
+    return cls
+
+
+def _handles(name: str, model: Any) -> bool:
+    """Whether the installed backend ``name`` handles ``model`` (a backend that fails to load handles nothing)."""
+    try:
+        cls = plugins.load("backends", name)
+    except PluginError:
+        return False
+    try:
+        return bool(cls.handles(model))
+    except Exception as err:  # a third-party bug must not read as "not mine"
+        raise PluginError(f"backend plugin {name!r}: handles() raised {type(err).__name__}: {err}") from err
+
+
+def _described(name: str) -> str:
+    """``name (first line of its class docstring)`` for messages, or just ``name``."""
+    try:
+        doc = (plugins.load("backends", name).__doc__ or "").strip().splitlines()
+    except PluginError:
+        return f"{name} (fails to load)"
+    return f"{name} ({doc[0].rstrip('.')})" if doc else name
+
+
+def with_backend(plan: AttributionPlan, name: str) -> AttributionPlan:
+    """``plan`` with ``model.backend`` set to ``name``: what a result records is the backend that ran."""
+    if plan.model.backend == name and "backend" in plan.model.model_fields_set:
+        return plan
+    return plan.model_copy(update={"model": plan.model.model_copy(update={"backend": name})})
 
 
 def splice_saes(plan: AttributionPlan, backend: AbstractBackend, saes: Mapping[str, Any] | None = None) -> AbstractBackend:
@@ -61,7 +131,8 @@ def compile(
 ) -> CompiledPlan:
     """Load the model (unless ``backend`` is given) and compile the plan without running any pass."""
     plan = as_plan(plan)
-    return compile_plan(plan, splice_saes(plan, backend or load_backend(plan, model, tokenizer), saes))
+    backend = splice_saes(plan, backend or load_backend(plan, model, tokenizer), saes)
+    return compile_plan(with_backend(plan, backend.name), backend)
 
 
 def run(
@@ -73,7 +144,7 @@ def run(
     backend: AbstractBackend | None = None,
     output: str | Path | None = None,
     overwrite: bool = False,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress = True,
     saes: Mapping[str, Any] | None = None,
     distributed: bool | None = None,
     resume: bool | None = None,
@@ -82,14 +153,17 @@ def run(
 
     Args:
         plan: the plan (object, dict, or JSON path).
-        model: a model object for the plan's backend (e.g. a ``HookedTransformer``); overrides ``model.source``.
+        model: a model object (a ``HookedTransformer``, a ``transformers`` model...); overrides ``model.source``.
+            The backend follows the object's type unless the plan names one (``backend_for``).
         tokenizer: tokenizer for ``model`` when it has none attached.
         metric: a custom metric ``(logits, MetricInputs) -> per-pair values``; the plan's metric name must be ``custom``.
         backend: an already-loaded backend (reused across runs).
         output: result path, taken as given; overrides ``plan.output``, which is resolved relative to
             the plan file (or the working directory) and must stay inside it (``outputs.py``).
         overwrite: replace an existing file at the output even if it is not an atpframework result.
-        progress: called with the number of pairs finished after each batch.
+        progress: ``True``: a progress bar on stderr (a widget in Jupyter) per batch of prompt pairs, with the
+            passes run so far; ``False``: none; a callable: called with the number of pairs finished
+            after each batch instead (``atpframework.io.progress``).
         saes: SAE objects (e.g. sae_lens ``SAE``) for plan ``saes`` entries without a path or release, by name.
         distributed: shard the batches over the processes of a ``torchrun`` launch (see
             ``atpframework.engine.distributed``); every rank returns the full result and rank 0 alone saves it.
@@ -100,6 +174,7 @@ def run(
     """
     plan_path = plan if isinstance(plan, (str, Path)) else None
     plan = as_plan(plan)
+    progress = check_progress(progress)
     metric_fn = resolve_metric(plan.metric, metric)
     target = preflight(
         plan, plan_path, output, overwrite, check_device=model is None and backend is None, metric_given=metric is not None
@@ -110,29 +185,35 @@ def run(
         group = parallel.join(plan.model.device)
     device = parallel.device_for_rank(plan.model.device, group) if group is not None else None
     backend = splice_saes(plan, backend or load_backend(plan, model, tokenizer, device), saes)
-    compiled = compile_plan(plan, backend)
+    compiled = compile_plan(with_backend(plan, backend.name), backend)
     if resume is None:
         resume = model is None and backend_given is None and metric is None and not saes
     return _run_compiled(compiled, backend, metric_fn, progress, group, target, overwrite, resume)
 
 
 def _run_compiled(
-    compiled: CompiledPlan, backend: AbstractBackend, metric_fn: Metric, progress: Callable[[int], None] | None,
+    compiled: CompiledPlan, backend: AbstractBackend, metric_fn: Metric, progress: Progress,
     group: parallel.Group | None, target: Path | None, overwrite: bool, resume: bool,
 ) -> AttributionResult:
     """Run every batch (this process's shard, under a checkpoint when resuming), assemble the result, save it."""
     main = group is None or group.is_main
+    mine = None if group is None else parallel.shard(len(compiled.batches), group)
+    total = len(compiled.pairs) if mine is None else sum(len(compiled.batches[i].pair_indices) for i in mine)
+    desc = f"{compiled.plan.method.name}: prompt pairs"
+    if group is not None:
+        desc += f" (rank {group.rank} of {group.world}; {len(compiled.pairs)} in all)"
     with ExitStack() as stack:
+        bar = stack.enter_context(Bar(progress if main or progress is not True else False, total, desc, "pair"))  # one voice
         checkpoint = _checkpoint(compiled, backend, target, group) if resume and target is not None else None
         if checkpoint is not None:
             stack.enter_context(checkpoint)
         finished = checkpoint.finished() if checkpoint is not None else None
         on_batch = checkpoint.save if checkpoint is not None else None
+        outputs = run_batches(compiled, backend, metric_fn, bar.update, mine, finished, on_batch)
         if group is None:
-            executed = assemble(compiled, run_batches(compiled, backend, metric_fn, progress, None, finished, on_batch))
+            executed = assemble(compiled, outputs)
         else:
-            mine = run_batches(compiled, backend, metric_fn, progress, parallel.shard(len(compiled.batches), group), finished, on_batch)
-            executed = assemble(compiled, parallel.all_outputs(mine, group))
+            executed = assemble(compiled, parallel.all_outputs(outputs, group))
         result = _result(compiled, backend, executed)
         if target is not None and main:
             check_writable(target, overwrite)

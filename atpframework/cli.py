@@ -5,13 +5,14 @@
     atpf verify RESULT (--budget N | --until-stable) [--top K] [--threshold X] [-o OUT]
     atpf diagnose RESULT --verified-top K --samples M[,M2..] [--confidence 0.9,0.99] [--plot PNG]
     atpf compare PLAN.json --methods atp,atp_star,... [--ground-truth RESULT] --out DIR
+    atpf report RESULT [-o REPORT.html] [--diagnosis DIAG.json] [--title TEXT]
     atpf schema                                     print the plan JSON Schema
 
 Exit codes: 0 success; 2 a bad plan or usage (one-paragraph message); 1 a runtime failure.
 No traceback unless ``--debug``.
 """
 
-import functools
+import dataclasses
 import json
 import os
 import sys
@@ -91,6 +92,9 @@ def main() -> None:
     """
 
 
+QUIET_HELP = "No progress bars on stderr."
+
+
 @main.command("run")
 @click.argument("plan_path", metavar="PLAN.json", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
@@ -100,13 +104,30 @@ def main() -> None:
 @click.option("--top", default=10, type=click.IntRange(min=0), show_default=True, help="How many top nodes to print after the run.")
 @click.option("--distributed", is_flag=True,
               help="Shard the prompt pairs over the processes of a torchrun launch (the default under torchrun).")
+@click.option("--verify", "verify_budget", type=click.IntRange(min=1), metavar="N",
+              help="Then exact-patch the N top-scored nodes into the result file (as `atpf verify --budget N`), on the same loaded model.")
+@click.option("--diagnose", "run_diagnose", is_flag=True,
+              help="Then bound what the unverified nodes could hide (as `atpf diagnose`), on the same loaded model.")
+@click.option("--verified-top", type=click.IntRange(min=0), metavar="K",
+              help="With --diagnose: how many top nodes count as verified [default: the --verify N].")
+@click.option("--samples", default="400", show_default=True, help="With --diagnose: sample budgets, comma-separated.")
+@click.option("--diagnose-json", type=click.Path(dir_okay=False), help="With --diagnose: write the diagnosis as JSON.")
+@click.option("--diagnose-plot", type=click.Path(dir_okay=False), help="With --diagnose: write a PNG of the bound.")
+@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def run_command(plan_path: str, output: str | None, overwrite: bool, dry_run: bool, top: int, distributed: bool, debug: bool) -> None:
-    """Run the attribution plan PLAN.json and write its result file."""
+def run_command(plan_path: str, output: str | None, overwrite: bool, dry_run: bool, top: int, distributed: bool,
+                verify_budget: int | None, run_diagnose: bool, verified_top: int | None, samples: str,
+                diagnose_json: str | None, diagnose_plot: str | None, quiet: bool, debug: bool) -> None:
+    """Run the attribution plan PLAN.json and write its result file; with --verify and --diagnose, then verify
+    and diagnose it on the same loaded model (one model load for the whole workflow)."""
     from atpframework import api
+    from atpframework.analysis.session import Session
     from atpframework.engine import distributed as parallel
 
     def action() -> None:
+        ctx = click.get_current_context()
+        workflow = _checked_workflow_options(ctx, verify_budget, run_diagnose, verified_top, samples, diagnose_json,
+                                             diagnose_plot, dry_run, distributed or parallel.launched())
         plan = api.as_plan(plan_path)
         target = api.preflight(plan, plan_path, output, overwrite)
         if not dry_run and target is None:
@@ -116,30 +137,68 @@ def run_command(plan_path: str, output: str | None, overwrite: bool, dry_run: bo
         group = parallel.join(plan.model.device) if (distributed or parallel.launched()) and not dry_run else None
         main_rank = group is None or group.is_main
         device = parallel.device_for_rank(plan.model.device, group) if group is not None else None
-        backend = api.load_backend(plan, device=device)
-        compiled = api.compile(plan, backend=backend)
+        session = Session(plan_path, device=device, progress=not quiet)
+        backend = session.backend
         if dry_run:
-            click.echo(compiled.explain())
+            click.echo(api.compile(plan, backend=backend).explain())
             return
-        run = functools.partial(api.run, plan, backend=backend, output=target, overwrite=overwrite, resume=True)
         if not main_rank:  # one voice: rank 0 reports and writes
-            run(distributed=True)
+            session.run(output=target, overwrite=overwrite, resume=True, distributed=True)
             parallel.leave()
             return
         click.echo(f"loaded {backend.info.source} in {time.perf_counter() - started:.1f}s", err=True)
-        label, length = "prompt pairs", len(compiled.pairs)
-        if group is not None:
-            mine = parallel.shard(len(compiled.batches), group)
-            length = sum(len(compiled.batches[i].pair_indices) for i in mine)
-            label = f"prompt pairs (rank 0 of {group.world}; {len(compiled.pairs)} in all)"
-        with click.progressbar(length=length, label=label, file=sys.stderr) as bar:
-            result = run(progress=bar.update, distributed=group is not None)
+        result = session.run(output=target, overwrite=overwrite, resume=True, distributed=group is not None)
         if group is not None:
             parallel.leave()  # rank 0 has written the file
         click.echo(_format_top(result, top, "mean_abs"))
         click.echo(f"wrote {target} ({time.perf_counter() - started:.1f}s)")
+        assert target is not None
+        if workflow.verify is not None:
+            step = time.perf_counter()
+            result = session.verify(result, budget=workflow.verify)
+            result.save(target)
+            click.echo(_format_verified(result, top))
+            click.echo(f"wrote {target} ({time.perf_counter() - step:.1f}s)")
+        if workflow.verified_top is not None:
+            step = time.perf_counter()
+            updated, diagnosis = session.diagnose(result, verified_top=workflow.verified_top, samples=workflow.samples)
+            if updated is not result:
+                updated.save(target)
+            _report_diagnosis(updated, diagnosis, step, diagnose_json, diagnose_plot)
 
     _guard(debug, action)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Workflow:
+    """What ``atpf run`` does after the run: verify this many nodes, diagnose with this verified top and samples."""
+
+    verify: int | None
+    verified_top: int | None
+    samples: list[int]
+
+
+def _checked_workflow_options(ctx: click.Context, verify_budget: int | None, run_diagnose: bool, verified_top: int | None,
+                              samples: str, diagnose_json: str | None, diagnose_plot: str | None, dry_run: bool,
+                              distributed: bool) -> _Workflow:
+    """``atpf run``'s --verify/--diagnose options, refused (``PlanError`` naming the option) where they do not fit."""
+    if not run_diagnose:
+        given = [name for name, value in (("--verified-top", verified_top), ("--diagnose-json", diagnose_json),
+                                          ("--diagnose-plot", diagnose_plot)) if value is not None]
+        if ctx.get_parameter_source("samples") is not click.core.ParameterSource.DEFAULT:
+            given.append("--samples")
+        if given:
+            raise PlanError(f"{', '.join(given)}: only with --diagnose")
+    steps = [name for name, on in (("--verify", verify_budget is not None), ("--diagnose", run_diagnose)) if on]
+    if steps and dry_run:
+        raise PlanError(f"{' and '.join(steps)}: not with --dry-run, which runs nothing")
+    if steps and distributed:
+        raise PlanError(f"{' and '.join(steps)}: not under torchrun (--distributed); run `atpf verify` / `atpf diagnose` "
+                        "on the result file afterwards")
+    if run_diagnose and verified_top is None and verify_budget is None:
+        raise PlanError("--diagnose: give --verify N (the verified top is then those N nodes) or --verified-top K")
+    top = (verified_top if verified_top is not None else verify_budget) if run_diagnose else None
+    return _Workflow(verify_budget, top, _ints(samples, "--samples") if run_diagnose else [])
 
 
 @main.command("show")
@@ -184,10 +243,11 @@ def _ints(text: str, option: str) -> list[int]:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of updating RESULT in place.")
 @click.option("--overwrite", is_flag=True, help="With -o: replace an existing file even if it is not an atpframework result.")
 @click.option("--model", "model_source", help=MODEL_HELP)
+@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def verify_command(result_path: str, budget: int | None, until_stable: bool, top: int, patience: int | None,
                    threshold: float | None, nodes_per_pass: int, output: str | None, overwrite: bool,
-                   model_source: str | None, debug: bool) -> None:
+                   model_source: str | None, quiet: bool, debug: bool) -> None:
     """Exact-patch the nodes of RESULT in decreasing estimated score and store the verified effects in it."""
     from atpframework.analysis.verify import verify
     from atpframework.io.results import load_result
@@ -200,7 +260,7 @@ def verify_command(result_path: str, budget: int | None, until_stable: bool, top
         started = time.perf_counter()
         backend = _result_backend(result, result_path, model_source)
         verified = verify(result, budget=budget, until_stable=until_stable, top=top, patience=patience,
-                          threshold=threshold, nodes_per_pass=nodes_per_pass, backend=backend)
+                          threshold=threshold, nodes_per_pass=nodes_per_pass, backend=backend, progress=not quiet)
         check_writable(target, overwrite, field="--output")
         verified.save(target)
         click.echo(_format_verified(verified, top))
@@ -220,12 +280,13 @@ def verify_command(result_path: str, budget: int | None, until_stable: bool, top
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the bound against the verified effects.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the diagnosis as JSON.")
 @click.option("--model", "model_source", help=MODEL_HELP)
+@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def diagnose_command(result_path: str, verified_top: int, samples: str, confidence: str, p: float, seed: int,
-                     nodes_per_pass: int, plot: str | None, json_path: str | None, model_source: str | None, debug: bool) -> None:
+                     nodes_per_pass: int, plot: str | None, json_path: str | None, model_source: str | None, quiet: bool,
+                     debug: bool) -> None:
     """Bound the effect of every node of RESULT outside its verified top (subsampling + Welch tests)."""
     from atpframework.analysis.verify import diagnose
-    from atpframework.io.files import write_text_atomically
     from atpframework.io.results import load_result
 
     def action() -> None:
@@ -235,30 +296,10 @@ def diagnose_command(result_path: str, verified_top: int, samples: str, confiden
         backend = _result_backend(result, result_path, model_source)
         updated, diagnosis = diagnose(result, verified_top=verified_top, samples=_ints(samples, "--samples"),
                                       confidences=_floats(confidence, "--confidence"), p=p, seed=seed,
-                                      nodes_per_pass=nodes_per_pass, backend=backend)
+                                      nodes_per_pass=nodes_per_pass, backend=backend, progress=not quiet)
         if updated is not result:
             updated.save(result_path)
-        click.echo(f"verified top {diagnosis.verified_top}; largest verified mean |effect| "
-                   f"{float(diagnosis.verified_effects[0]) if len(diagnosis.verified_effects) else float('nan'):.5f}; "
-                   f"{diagnosis.remainder} unverified nodes, subsets with p={diagnosis.p}")
-        table = text_table("samples", *(f"bound@{c:g}" for c in diagnosis.bounds))
-        budgets = [n for n, _ in next(iter(diagnosis.bounds.values()))]
-        for row, n in enumerate(budgets):
-            table.add_row(str(n), *(f"{b[row][1]:.5f}" for b in diagnosis.bounds.values()))
-        click.echo(render_table(table))
-        click.echo(f"(no unverified node's mean |effect| exceeds the bound, at that confidence; "
-                   f"{diagnosis.forward_equivalents_per_pair:g} forward passes per pair; {time.perf_counter() - started:.1f}s)")
-        for warning in diagnosis.warnings():
-            click.echo(f"warning: {warning}")
-        if json_path:
-            write_text_atomically(json_path, json.dumps(diagnosis.as_json(), indent=2))
-        if plot:
-            from atpframework.analysis.figures import diagnostic_labels
-            from atpframework.analysis.plots import plot_diagnostic
-
-            plot_diagnostic(diagnosis.verified_effects, diagnosis.bounds, plot, labels=diagnostic_labels(updated, verified_top),
-                            title=f"{result.method}: bound on unverified nodes after verifying the top {verified_top}")
-            click.echo(f"wrote {plot}")
+        _report_diagnosis(updated, diagnosis, started, json_path, plot)
 
     _guard(debug, action)
 
@@ -270,8 +311,10 @@ def diagnose_command(result_path: str, verified_top: int, samples: str, confiden
 @click.option("--ground-truth", type=click.Path(dir_okay=False), help="A stored activation_patching result of this plan.")
 @click.option("--k-max", type=int, help="Largest k of the recall curves [default: min(nodes, 200)].")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the table, plot and results.")
+@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def compare_command(plan_path: str, methods: str, ground_truth: str | None, k_max: int | None, out_dir: str, debug: bool) -> None:
+def compare_command(plan_path: str, methods: str, ground_truth: str | None, k_max: int | None, out_dir: str, quiet: bool,
+                    debug: bool) -> None:
     """Cost of verified recall of several methods on PLAN.json (table, JSON and log-log PNG in --out)."""
     from atpframework.analysis.compare import compare, write_comparison
 
@@ -285,12 +328,62 @@ def compare_command(plan_path: str, methods: str, ground_truth: str | None, k_ma
         else:
             specs = [m.strip() for m in text.split(",") if m.strip()]
         _quiet_model_libraries()
-        comparison = compare(plan_path, specs, ground_truth=ground_truth, k_max=k_max, log=lambda m: click.echo(m, err=True))
+        comparison = compare(plan_path, specs, ground_truth=ground_truth, k_max=k_max, progress=not quiet)
         written = write_comparison(comparison, out_dir, title=f"cost of verified recall: {plan_path}")
         click.echo(comparison.table())
         click.echo("wrote " + ", ".join(str(p) for p in written))
 
     _guard(debug, action)
+
+
+@main.command("report")
+@click.argument("result_path", metavar="RESULT", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="HTML file to write [default: RESULT with the suffix .html]; an existing file is replaced only if it is .html or .htm.")
+@click.option("--diagnosis", "diagnosis_path", type=click.Path(dir_okay=False),
+              help="JSON written by `atpf diagnose RESULT --json` for this result: adds the bound and its warnings.")
+@click.option("--title", help="Page title [default: method, metric and model].")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def report_command(result_path: str, output: str | None, diagnosis_path: str | None, title: str | None, debug: bool) -> None:
+    """Write a self-contained HTML report of RESULT: the run, prompts, heatmaps, top nodes, verification (opens offline)."""
+    from atpframework.analysis.report import write_report
+    from atpframework.io.results import load_result
+
+    def action() -> None:
+        target = _report_target(result_path, output)
+        result = load_result(result_path)
+        diagnosis = _read_diagnosis(diagnosis_path, result) if diagnosis_path else None
+        written = write_report(result, target, diagnosis=diagnosis, title=title)
+        click.echo(f"wrote {written} ({written.stat().st_size / 1024:.0f} kB)")
+
+    _guard(debug, action)
+
+
+def _report_target(result_path: str, output: str | None) -> str:
+    """Where ``atpf report`` writes: ``--output``, or RESULT with ``.html``; never RESULT itself nor a non-HTML file."""
+    from pathlib import Path
+
+    target = Path(output) if output else Path(result_path).with_suffix(".html")
+    if target.exists() and Path(result_path).exists() and os.path.samefile(target, result_path):
+        raise PlanError(f"--output: {shorten(str(target))} is RESULT itself; name an .html file")
+    if target.exists() and target.suffix.lower() not in (".html", ".htm"):
+        raise PlanError(f"--output: {shorten(str(target))} exists and is not an .html or .htm file; not replacing it")
+    return str(target)
+
+
+def _read_diagnosis(path: str, result: Any) -> Any:
+    """``--diagnosis``: the JSON of ``atpf diagnose --json``, which must describe RESULT's nodes."""
+    from atpframework.analysis.report import load_diagnosis
+
+    try:
+        diagnosis = load_diagnosis(path)
+    except SchemaError as err:
+        raise SchemaError(f"--diagnosis {err}") from None
+    covered, n_nodes = diagnosis.verified_top + diagnosis.remainder, result.numbering.n_nodes
+    if covered != n_nodes:
+        raise PlanError(f"--diagnosis {shorten(path)}: covers {covered} nodes (verified_top + remainder) but RESULT has "
+                        f"{n_nodes}; it is the diagnosis of another result")
+    return diagnosis
 
 
 @main.command("schema")
@@ -324,6 +417,33 @@ def _result_backend(result: Any, result_path: str, model_source: str | None) -> 
     if problem:
         raise PlanError(f"{problem} (the result's plan says so)")
     return api.load_backend(parsed)
+
+
+def _report_diagnosis(result: Any, diagnosis: Any, started: float, json_path: str | None, plot: str | None) -> None:
+    """Print a diagnosis (bound table, warnings) and write its JSON and plot where asked."""
+    from atpframework.io.files import write_text_atomically
+
+    click.echo(f"verified top {diagnosis.verified_top}; largest verified mean |effect| "
+               f"{float(diagnosis.verified_effects[0]) if len(diagnosis.verified_effects) else float('nan'):.5f}; "
+               f"{diagnosis.remainder} unverified nodes, subsets with p={diagnosis.p}")
+    table = text_table("samples", *(f"bound@{c:g}" for c in diagnosis.bounds))
+    budgets = [n for n, _ in next(iter(diagnosis.bounds.values()))]
+    for row, n in enumerate(budgets):
+        table.add_row(str(n), *(f"{b[row][1]:.5f}" for b in diagnosis.bounds.values()))
+    click.echo(render_table(table))
+    click.echo(f"(no unverified node's mean |effect| exceeds the bound, at that confidence; "
+               f"{diagnosis.forward_equivalents_per_pair:g} forward passes per pair; {time.perf_counter() - started:.1f}s)")
+    for warning in diagnosis.warnings():
+        click.echo(f"warning: {warning}")
+    if json_path:
+        write_text_atomically(json_path, json.dumps(diagnosis.as_json(), indent=2))
+    if plot:
+        from atpframework.analysis.figures import diagnostic_labels
+        from atpframework.analysis.plots import plot_diagnostic
+
+        plot_diagnostic(diagnosis.verified_effects, diagnosis.bounds, plot, labels=diagnostic_labels(result, diagnosis.verified_top),
+                        title=f"{result.method}: bound on unverified nodes after verifying the top {diagnosis.verified_top}")
+        click.echo(f"wrote {plot}")
 
 
 def _quiet_model_libraries() -> None:

@@ -384,6 +384,16 @@ class HuggingFaceBackend(AbstractBackend):
         return cls(model, tokenizer=tokenizer)
 
     @classmethod
+    def handles(cls, model: Any) -> bool:
+        """``transformers`` ``PreTrainedModel`` objects (whether their architecture is registered is checked
+        when the backend is built, with the reason)."""
+        if "transformers" not in sys.modules:
+            return False
+        from transformers import PreTrainedModel
+
+        return isinstance(model, PreTrainedModel)
+
+    @classmethod
     def load(cls, source: str, *, dtype: str, device: str, options: Mapping[str, Any]) -> "HuggingFaceBackend":
         resolved = resolve_options(cls.name, options, _OPTIONS)
         implementation, device_map = resolved["attn_implementation"], resolved["device_map"]

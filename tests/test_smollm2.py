@@ -115,3 +115,25 @@ def test_results_store_decoded_tokens_and_label_positions_with_them(backend, tmp
     john = clean.index(" John", clean.index(" store"))
     resid = result.to_dataframe().query("name == 'resid'").set_index("pos")
     assert resid.loc[john, "token"] == '" John"' and resid.loc[last, "token"] == '" to"'
+
+
+def test_the_converted_weights_cache_gives_the_tensors_of_a_fresh_conversion(backend):
+    """Bundled models load through the TransformerLens backend's cache of converted weights (``backends/tl_cache.py``):
+    a cached load holds exactly the tensors of a conversion from the Hugging Face model, and computes the same logits."""
+    from atpframework.backends.transformer_lens import TransformerLensBackend
+    from atpframework.model.bundled import bundled_model_dir
+
+    path = bundled_model_dir("bundled:smollm2-135m-instruct")
+    assert list((path / "transformer_lens").glob("*.safetensors")), "the fixture's load should have stored an entry"
+
+    def load(cache):
+        return TransformerLensBackend._from_hf_dir(path, "bundled:smollm2-135m-instruct", torch.float32, "cpu",
+                                                   "hooked_transformer", prepend_bos=False, cache=cache)
+
+    cached, fresh = load(True).model, load(False).model
+    ours, theirs = cached.state_dict(), fresh.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    tokens = torch.tensor([backend.tokenize(IOI["clean"], None)])
+    with torch.no_grad():
+        assert torch.equal(cached(tokens), fresh(tokens))

@@ -2,6 +2,7 @@
 patching or a closed form, plus the CLI commands' files and errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -212,8 +213,9 @@ def test_compare_curves_follow_the_rankings(tmp_path):
 
 # ------------------------------------------------------------------ CLI
 def _atpf(*args, cwd):
+    checkout = {"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}  # a worktree under test
     return subprocess.run([sys.executable, "-m", "atpframework", *args], cwd=cwd, capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(cwd)})
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(cwd), **checkout})
 
 
 def test_cli_verify_diagnose_and_compare(tmp_path):

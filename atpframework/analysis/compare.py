@@ -23,6 +23,7 @@ from atpframework.api import as_plan, load_backend, run, splice_saes
 from atpframework.engine.runner import compile_plan
 from atpframework.errors import PlanError
 from atpframework.io.files import write_text_atomically
+from atpframework.io.progress import Bar, Progress
 from atpframework.io.results import AttributionResult, load_result
 from atpframework.model.backend import AbstractBackend
 from atpframework.plans.plan import AttributionPlan
@@ -74,14 +75,16 @@ def _method_spec(entry: str | Mapping[str, Any]) -> dict[str, Any]:
     return {"name": entry} if isinstance(entry, str) else dict(entry)
 
 
-def _timed_run(plan: AttributionPlan, spec: dict[str, Any], backend: AbstractBackend, label: str) -> MethodRun:
+def _timed_run(plan: AttributionPlan, spec: dict[str, Any], backend: AbstractBackend, label: str, progress: Progress,
+               desc: str) -> MethodRun:
     data = json.loads(plan.to_json())
     data.update(method=spec, output=None)
     method_plan = as_plan(data)
     compiled = compile_plan(method_plan, backend)
     cost = compiled.method.cost(compiled)
     started = time.perf_counter()
-    result = run(method_plan, backend=backend)
+    with Bar(progress, len(compiled.pairs), desc, "pair") as bar:
+        result = run(method_plan, backend=backend, progress=bar.update)
     return MethodRun(label, spec, cost, time.perf_counter() - started, result)
 
 
@@ -99,18 +102,24 @@ def compare(
     model: Any = None,
     saes: Mapping[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
+    progress: Progress = True,
 ) -> Comparison:
     """Run ``methods`` (names or method specs) on ``plan`` and measure their cost of verified recall.
 
     ``ground_truth``: a stored exact-patching result of the same plan (else it is computed).
     ``k_max``: the largest k (default: min(nodes, 200)).
+    ``log``: called with a line before each run starts.
+    ``progress``: ``True``: a progress bar on stderr per method (``compare: atp_star``), per batch of prompt
+    pairs with the passes run so far; ``False``: none; a callable: called with the pairs finished
+    after each batch of each run (``atpframework.io.progress``).
     """
     plan = as_plan(plan)
     backend = splice_saes(plan, backend or load_backend(plan, model), saes)
     say = log or (lambda message: None)
     if ground_truth is None:
         say("ground truth: exact activation patching of every node")
-        truth = _timed_run(plan, dict(GROUND_TRUTH), backend, "activation_patching")
+        truth = _timed_run(plan, dict(GROUND_TRUTH), backend, "activation_patching", progress,
+                           "compare: activation_patching (ground truth)")
     else:
         stored = ground_truth if isinstance(ground_truth, AttributionResult) else load_result(ground_truth)
         if stored.method != "activation_patching":
@@ -130,7 +139,7 @@ def compare(
         spec = _method_spec(entry)
         label = spec["name"] if sum(_method_spec(e)["name"] == spec["name"] for e in methods) == 1 else json.dumps(spec, sort_keys=True)
         say(f"running {label}")
-        method_run = _timed_run(plan, spec, backend, label)
+        method_run = _timed_run(plan, spec, backend, label, progress, f"compare: {label}")
         runs.append(method_run)
         curves.append(recall_curve(label, true_effects, _flat(method_run.result), method_run.cost, k_max))
     return Comparison(n_nodes, len(truth.result.metric_clean), truth, runs, curves)

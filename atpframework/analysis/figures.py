@@ -36,7 +36,7 @@ from atpframework.analysis.figure_data import (
     value_label,
 )
 from atpframework.analysis.plots import _new_figure, save_figure
-from atpframework.io.results import AttributionResult, register_plot_accessor
+from atpframework.io.results import AttributionResult
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -311,5 +311,3 @@ class ResultPlots:
     def __repr__(self) -> str:
         return "ResultPlots: heatmap(name, position=...), token_strip(name, layer=...), bar(name, k=20), scatter()"
 
-
-register_plot_accessor(ResultPlots)

@@ -26,6 +26,7 @@ from atpframework.analysis.recall import ranking_from_scores
 from atpframework.api import as_plan, load_backend, splice_saes
 from atpframework.engine.runner import batch_runs, compile_plan
 from atpframework.errors import PlanError, shorten
+from atpframework.io.progress import Bar, Progress
 from atpframework.io.results import AttributionResult, VerifiedNodes, load_result, now_utc
 from atpframework.maths.diagnostic import SubsetStats, subsample, welch_bounds
 from atpframework.methods.patching import ExactPatcher
@@ -148,7 +149,7 @@ def verify(
     backend: AbstractBackend | None = None,
     model: Any = None,
     saes: Mapping[str, Any] | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress = True,
 ) -> AttributionResult:
     """Exact-patch a result's nodes in decreasing estimated score; return the result with the effects stored.
 
@@ -161,11 +162,13 @@ def verify(
         threshold: a verified node is *confirmed* when its mean |effect| is at least this (default
             ``default_threshold``: 5% of the mean |metric(noise) - metric(clean)|).
         nodes_per_pass, backend, model, saes: how to run exact patching (the model defaults to the plan's source).
-        progress: called with the number of nodes verified after each chunk.
+        progress: ``True``: a progress bar on stderr, per forward pass of ``nodes_per_pass`` nodes; ``False``:
+            none; a callable: called with the number of nodes verified after each chunk (``atpframework.io.progress``).
     """
     result = _as_result(result)
     return _verify_with(
-        _Verifier(result, backend, model, saes, nodes_per_pass), result, budget, until_stable, top, patience, threshold, progress
+        _Verifier(result, backend, model, saes, nodes_per_pass), result, budget, until_stable, top, patience, threshold,
+        progress, "verify: patching nodes",
     )
 
 
@@ -177,7 +180,8 @@ def _verify_with(
     top: int,
     patience: int | None,
     threshold: float | None,
-    progress: Callable[[int], None] | None,
+    progress: Progress,
+    desc: str,
 ) -> AttributionResult:
     nodes_per_pass = verifier.patchers[0][1].sets_per_pass
     patience = _checked_verify_options(budget, until_stable, top, patience, nodes_per_pass)
@@ -187,7 +191,8 @@ def _verify_with(
     todo = order[~torch.isin(order, done_nodes)]
     target = len(todo) if budget is None else min(budget, len(todo))
     watch = _TopSetWatch(done_nodes, done_effects, top, patience) if until_stable else None
-    nodes, effects, stopped = _verify_in_order(verifier, todo[:target], nodes_per_pass, watch, progress)
+    with Bar(progress, target, desc, "node") as bar:
+        nodes, effects, stopped = _verify_in_order(verifier, todo[:target], nodes_per_pass, watch, bar.update)
     if stopped is None:
         stopped = f"budget of {budget} nodes spent" if budget is not None and target == budget else "every node verified"
     next_rank = int(done_ranks.max()) + 1 if done_ranks.numel() else 0
@@ -244,7 +249,7 @@ class _TopSetWatch:
 
 
 def _verify_in_order(
-    verifier: _Verifier, todo: Tensor, nodes_per_pass: int, watch: _TopSetWatch | None, progress: Callable[[int], None] | None
+    verifier: _Verifier, todo: Tensor, nodes_per_pass: int, watch: _TopSetWatch | None, progress: Callable[[int], None]
 ) -> tuple[Tensor, Tensor, str | None]:
     """Exact effects (``pair node``) of ``todo`` in order, ``nodes_per_pass`` at a time, until ``watch`` says stop;
     returns the nodes verified, their effects and why it stopped early (None: it did not)."""
@@ -257,8 +262,7 @@ def _verify_in_order(
         new_nodes.append(chunk)
         new_effects.append(verifier.single_effects(chunk))
         at += len(chunk)
-        if progress is not None:
-            progress(len(chunk))
+        progress(len(chunk))
         if watch is not None:
             stopped = watch.update(new_nodes, new_effects, at, len(chunk))
     nodes = torch.cat(new_nodes) if new_nodes else torch.zeros(0, dtype=torch.long)
@@ -337,10 +341,14 @@ def diagnose(
     backend: AbstractBackend | None = None,
     model: Any = None,
     saes: Mapping[str, Any] | None = None,
+    progress: Progress = True,
 ) -> tuple[AttributionResult, Diagnosis]:
     """Bound the effect of every node outside the estimated top ``verified_top`` (see module docstring).
 
     ``samples``: increasing sample budgets; the bound is reported after each (sampling continues).
+    ``progress``: ``True``: progress bars on stderr (verifying the top nodes not yet verified, then the
+    random subsets); ``False``: none; a callable: called with the nodes verified, then the subsets
+    evaluated, at each step (``atpframework.io.progress``).
     Returns the result (with any newly verified nodes stored) and the diagnosis.
     """
     result = _as_result(result)
@@ -353,7 +361,7 @@ def diagnose(
     done, _, _ = verified_effects(result)
     missing = int((~torch.isin(head, done)).sum())
     if missing:
-        result = _verify_with(verifier, result, missing, False, 20, None, None, None)
+        result = _verify_with(verifier, result, missing, False, 20, None, None, progress, f"diagnose: verifying the top {verified_top}")
     nodes, _, effects = verified_effects(result)
     in_head = torch.isin(nodes, head)
     head_effects = effects[:, in_head].abs().mean(0).sort(descending=True).values
@@ -364,16 +372,20 @@ def diagnose(
     bounds: dict[float, list[tuple[int, float]]] = {c: [] for c in confidences}
     worst: dict[float, int] = {}
 
-    def evaluate(local: Tensor) -> Tensor:  # sample remainder -> sample
-        masks = torch.zeros(len(local), verifier.n_nodes, dtype=torch.bool)
-        masks[:, remainder] = local
-        return verifier.joint_effects(masks)
+    with Bar(progress, samples[-1], f"diagnose: random subsets (M={samples[-1]})", "subset") as bar:
 
-    for budget in samples:
-        subsample(evaluate, len(remainder), budget - stats.n_samples, p, generator, nodes_per_pass, stats)
-        for bound in welch_bounds(stats, confidences):
-            bounds[bound.confidence].append((stats.n_samples, bound.theta))
-            worst[bound.confidence] = int(remainder[bound.node])
+        def evaluate(local: Tensor) -> Tensor:  # sample remainder -> sample
+            masks = torch.zeros(len(local), verifier.n_nodes, dtype=torch.bool)
+            masks[:, remainder] = local
+            effects = verifier.joint_effects(masks)
+            bar.update(len(local))
+            return effects
+
+        for budget in samples:
+            subsample(evaluate, len(remainder), budget - stats.n_samples, p, generator, nodes_per_pass, stats)
+            for bound in welch_bounds(stats, confidences):
+                bounds[bound.confidence].append((stats.n_samples, bound.theta))
+                worst[bound.confidence] = int(remainder[bound.node])
     diagnosis = Diagnosis(
         verified_top, len(remainder), p, bounds, worst, head_effects,
         verifier.forward_equivalents() - cost_before,

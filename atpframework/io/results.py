@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from html import escape
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -29,8 +30,9 @@ from atpframework.errors import SchemaError, shorten
 from atpframework.io.files import write_atomically
 from atpframework.io.tables import render_table, text_table
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # types only: the analysis layer sits below this one
     from atpframework.analysis.figures import ResultPlots
+    from atpframework.analysis.verify import Diagnosis
 
 RESULT_SCHEMA = "atpf.result"
 """Schema id written to ``atpf.schema``."""
@@ -50,15 +52,6 @@ GRADDROP_CONVENTION = (
 
 Aggregate = Literal["mean_abs", "mean"]
 """How per-pair scores combine: mean of absolute values (the paper's convention) or signed mean."""
-
-_PLOT_ACCESSOR: list[Callable[["AttributionResult"], "ResultPlots"]] = []
-"""``AttributionResult.plot``'s factory, set by the analysis layer (``atpframework.analysis.figures``, imported
-by ``import atpframework``): this layer may not import the one that draws."""
-
-
-def register_plot_accessor(factory: Callable[["AttributionResult"], "ResultPlots"]) -> None:
-    """Make ``result.plot`` return ``factory(result)`` (called once, by ``atpframework.analysis.figures``)."""
-    _PLOT_ACCESSOR[:] = [factory]
 
 
 @dataclass(frozen=True)
@@ -330,15 +323,6 @@ class AttributionResult:
         flat = node - numbering.offsets[numbering.names.index(name)]
         return self._top_node(self[name], flat, 0.0, 0.0, math.nan).label()
 
-    @property
-    def plot(self) -> "ResultPlots":
-        """This result's figures (needs matplotlib: ``pip install 'atpframework[plot]'``), each returning a
-        ``Figure``: ``result.plot.heatmap("attn_head", position=-1)``, ``.token_strip("resid")``,
-        ``.bar("mlp_neuron", k=20)``, ``.scatter()`` (verified against estimated); ``path=`` writes PNG, SVG or PDF."""
-        if not _PLOT_ACCESSOR:
-            raise RuntimeError("result.plot: import atpframework.analysis.figures first (import atpframework does)")
-        return _PLOT_ACCESSOR[0](self)
-
     def signed_estimate(self, name: str) -> Tensor:
         """Mean over pairs of the signed per-pair estimate of selection ``name`` (``layer *axes``, float64): the
         scores themselves for signed methods; for GradDrop methods, whose scores are magnitudes, the plain AtP or
@@ -440,6 +424,27 @@ class AttributionResult:
         values = ns.per_pair.to_dense() if ns.per_pair.is_sparse else ns.per_pair
         return xr.DataArray(values.double().numpy(), dims=dims, coords=coords, name=ns.name,
                             attrs={"kind": ns.kind, "method": self.method, "metric": self.metric})
+
+    def report(self, path: str | Path, *, diagnosis: "Diagnosis | None" = None, title: str | None = None) -> Path:
+        """Write a self-contained HTML report of this result to ``path`` (summary, prompts with tokens, heatmaps,
+        top nodes, verification; ``diagnosis``: an ``analysis.verify.Diagnosis`` to show its bound); returns the
+        path. See ``atpframework.analysis.report.write_report``."""
+        # The report belongs to the analysis layer, below this one: it is found by name when called, so loading
+        # a result never imports it (the layer rule of docs/architecture.md).
+        report = import_module("atpframework.analysis.report")
+        written: Path = report.write_report(self, path, diagnosis=diagnosis, title=title)
+        return written
+
+    @property
+    def plot(self) -> "ResultPlots":
+        """This result's figures (needs matplotlib: ``pip install 'atpframework[plot]'``), each returning a
+        ``Figure``: ``result.plot.heatmap("attn_head", position=-1)``, ``.token_strip("resid")``,
+        ``.bar("mlp_neuron", k=20)``, ``.scatter()`` (verified against estimated); ``path=`` writes PNG, SVG or PDF.
+        See ``atpframework.analysis.figures``."""
+        # Found by name when used, like ``report``: the figures belong to the analysis layer, below this one.
+        figures = import_module("atpframework.analysis.figures")
+        plots: ResultPlots = figures.ResultPlots(self)
+        return plots
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from atpframework.errors import BackendError, PlanError
+from atpframework.io.progress import note_pass
 from atpframework.io.results import GRADDROP_CONVENTION
 from atpframework.maths.attention import (
     ROW_BLOCK,
@@ -369,6 +370,7 @@ class _GradientPass:
         floor = [self.tensors[s] for s in layout.floor]
         floor += [leaf for leaf in self.leaves if all(leaf is not t for t in floor)]
         torch.autograd.grad(metric_clean.sum(), floor, retain_graph=bool(layout.active), allow_unused=True)
+        note_pass()
         _check_arrivals(set(layout.contributors), self.fired, "")
         return floor
 
@@ -384,6 +386,7 @@ class _GradientPass:
         grads = [self.plain_grads[term.cotangent].to(root.device) for root in roots]  # multi-device: a layer's own device
         last = n == len(layout.active) - 1
         torch.autograd.grad(roots, floor, grads, retain_graph=not last, allow_unused=True)
+        note_pass()
         expected = {s for s in layout.contributors if term.relation(s) == "reached"}
         _check_arrivals(expected, self.fired, f" with {term.label} dropped")
         self.attention.release_from(term.layer)  # later (lower) terms never reach this layer's attention

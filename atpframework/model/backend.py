@@ -76,6 +76,15 @@ class AbstractBackend(ABC):
     def from_model(cls, model: Any, *, tokenizer: Any = None) -> "AbstractBackend":
         """Wrap a model object the user already holds (Python API)."""
 
+    @classmethod
+    def handles(cls, model: Any) -> bool:
+        """Whether ``from_model`` serves this model object. When a plan leaves ``model.backend`` out,
+        ``af.run(plan, model=...)`` uses the installed backend that handles the object; a plan that names
+        a backend which does not handle it, while another does, is refused. Answer from the object's type
+        alone, without importing a model library the caller has not imported (no object of its classes
+        can exist then). Default: False (such a backend is used only when a plan names it)."""
+        return False
+
     @abstractmethod
     def tokenize(self, text: str, prepend_bos: bool | None) -> list[int]:
         """Token ids of ``text`` (``prepend_bos=None``: the model's default)."""

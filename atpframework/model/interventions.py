@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from torch import Tensor
 
+from atpframework.io.progress import note_pass
 from atpframework.model.backend import AbstractBackend, SiteHook, apply_site_hooks
 from atpframework.model.sites import Site
 
@@ -96,11 +97,15 @@ class Intervention:
 
     def run(self, backend: AbstractBackend, tokens: Tensor) -> Tensor:
         """Logits ``batch pos vocab`` of one forward pass of ``tokens`` with this intervention applied."""
-        return backend.forward(tokens, self.site_hooks())
+        logits = backend.forward(tokens, self.site_hooks())
+        note_pass()
+        return logits
 
     def run_from(self, backend: AbstractBackend, layer: int, resid: Tensor, tokens: Tensor) -> Tensor:
         """As ``run``, starting at block ``layer`` from the residual stream ``resid`` (``AbstractBackend.forward_from``)."""
-        return backend.forward_from(layer, resid, tokens, self.site_hooks())
+        logits = backend.forward_from(layer, resid, tokens, self.site_hooks())
+        note_pass()
+        return logits
 
     def _hook(self, site: Site, inner: Sequence[SiteHook]) -> SiteHook:
         patches, observers, receivers = self._patches.get(site, ()), self._observers.get(site, ()), self._receivers.get(site, ())

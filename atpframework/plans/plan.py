@@ -21,6 +21,7 @@ from atpframework import plugins
 from atpframework.errors import MAX_PROBLEMS, PlanError, PluginError, problem_list, shorten
 from atpframework.model.node import NodeSpec
 from atpframework.plans.chunking import parse_bytes
+from atpframework.plans.hook_names import alias_table, resolve_hook_names
 
 PLAN_SCHEMA: Final = "atpf.plan/1"
 """Schema id of the plan format this version reads and writes."""
@@ -32,6 +33,11 @@ INT_RANGE = (-(2**63), 2**63 - 1)
 """Integers a plan may hold anywhere: the 64-bit range (token ids, indices, sizes and seeds all fit)."""
 SHOWN_DEPTH = 8
 """Locations deeper than this are named by their first levels and ``...``."""
+NODES_DESCRIPTION = (
+    "Node selections, one result tensor each. A kind may also be written as a TransformerLens hook name where a node "
+    "kind patches that activation ('blocks.3.attn.hook_z' is kind 'attn_head' with layers [3]; 'hook_z' alone, every "
+    "layer): " + alias_table() + ". The hook name is resolved when the plan is parsed; the canonical plan holds the kind."
+)
 DEVICE_FORMS = "allowed: a torch device string such as 'cpu', 'cuda', 'cuda:1', 'mps' or 'xpu' (not 'meta')"
 
 
@@ -135,7 +141,7 @@ class AttributionPlan(_Strict):
     prepend_bos: bool | None = None
     """Prepend the BOS token to text prompts (None: the model's default)."""
     metric: MetricSpec = MetricSpec()
-    nodes: list[NodeSpec] = Field(min_length=1)
+    nodes: list[NodeSpec] = Field(min_length=1, description=NODES_DESCRIPTION)
     method: MethodConfig
     batch_size: int = Field(8, ge=1)
     """Prompt pairs per pass (at most; ``max_memory`` may choose fewer)."""
@@ -210,7 +216,7 @@ def plan_model(node_kinds: list[str], method_names: list[str]) -> type[Attributi
     if key not in _plan_models:
         fields: dict[str, Any] = {}
         if specs:
-            fields["nodes"] = (list[_tagged_union(specs, "kind")], Field(min_length=1))  # type: ignore[misc]
+            fields["nodes"] = (list[_tagged_union(specs, "kind")], Field(min_length=1, description=NODES_DESCRIPTION))  # type: ignore[misc]
         if configs:
             fields["method"] = (_tagged_union(configs, "name"), ...)
         _plan_models[key] = create_model("AttributionPlan", __base__=AttributionPlan, **fields)
@@ -225,7 +231,10 @@ def _tagged_union(classes: tuple[type, ...], tag: str) -> Any:
 def parse_plan(data: Any) -> AttributionPlan:
     """Validate a plan given as a dict (or an ``AttributionPlan``), loading the node plugins it names."""
     if isinstance(data, AttributionPlan):
+        backend_named = "backend" in data.model.model_fields_set
         data = data.model_dump(mode="json", by_alias=True)
+        if not backend_named:  # left out, the backend follows a model object passed to af.run
+            del data["model"]["backend"]
     if not isinstance(data, dict):
         raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
     found = document_problems(data)
@@ -234,6 +243,9 @@ def parse_plan(data: Any) -> AttributionPlan:
     schema = data.get("schema", PLAN_SCHEMA)
     if schema != PLAN_SCHEMA:
         raise PlanError(f"schema: this atpframework reads plans of schema {PLAN_SCHEMA!r}, got {shorten(schema)}")
+    nodes = resolve_hook_names(data.get("nodes"))  # TransformerLens hook names -> node kinds and layers
+    if nodes is not data.get("nodes"):
+        data = {**data, "nodes": nodes}
     kinds = _node_kinds(data.get("nodes"))
     methods = _method_names(data.get("method"))
     _check_backend(data.get("model"))
