@@ -113,13 +113,15 @@ QUIET_HELP = "No progress bars on stderr."
 @click.option("--samples", default="400", show_default=True, help="With --diagnose: sample budgets, comma-separated.")
 @click.option("--diagnose-json", type=click.Path(dir_okay=False), help="With --diagnose: write the diagnosis as JSON.")
 @click.option("--diagnose-plot", type=click.Path(dir_okay=False), help="With --diagnose: write a PNG of the bound.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), metavar="REPORT.html",
+              help="Last, write the self-contained HTML report (as `atpf report`), with the diagnosis when --diagnose ran.")
 @click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def run_command(plan_path: str, output: str | None, overwrite: bool, dry_run: bool, top: int, distributed: bool,
                 verify_budget: int | None, run_diagnose: bool, verified_top: int | None, samples: str,
-                diagnose_json: str | None, diagnose_plot: str | None, quiet: bool, debug: bool) -> None:
-    """Run the attribution plan PLAN.json and write its result file; with --verify and --diagnose, then verify
-    and diagnose it on the same loaded model (one model load for the whole workflow)."""
+                diagnose_json: str | None, diagnose_plot: str | None, report_path: str | None, quiet: bool, debug: bool) -> None:
+    """Run the attribution plan PLAN.json and write its result file; with --verify, --diagnose and --report, then
+    verify, diagnose and report on it with the same loaded model (one model load for the whole workflow)."""
     from atpframework import api
     from atpframework.analysis.session import Session
     from atpframework.engine import distributed as parallel
@@ -128,10 +130,13 @@ def run_command(plan_path: str, output: str | None, overwrite: bool, dry_run: bo
         ctx = click.get_current_context()
         workflow = _checked_workflow_options(ctx, verify_budget, run_diagnose, verified_top, samples, diagnose_json,
                                              diagnose_plot, dry_run, distributed or parallel.launched())
+        if report_path is not None and dry_run:
+            raise PlanError("--report: not with --dry-run, which runs nothing")
         plan = api.as_plan(plan_path)
         target = api.preflight(plan, plan_path, output, overwrite)
         if not dry_run and target is None:
             raise PlanError("output: the plan has no 'output' path; give one in the plan or with -o OUT.safetensors")
+        page = _report_target(str(target), report_path, option="--report") if report_path is not None else None
         started = time.perf_counter()
         _quiet_model_libraries()
         group = parallel.join(plan.model.device) if (distributed or parallel.launched()) and not dry_run else None
@@ -159,12 +164,21 @@ def run_command(plan_path: str, output: str | None, overwrite: bool, dry_run: bo
             result.save(target)
             click.echo(_format_verified(result, top))
             click.echo(f"wrote {target} ({time.perf_counter() - step:.1f}s)")
+        diagnosis = None
         if workflow.verified_top is not None:
             step = time.perf_counter()
             updated, diagnosis = session.diagnose(result, verified_top=workflow.verified_top, samples=workflow.samples)
             if updated is not result:
-                updated.save(target)
-            _report_diagnosis(updated, diagnosis, step, diagnose_json, diagnose_plot)
+                result = updated
+                result.save(target)
+            _report_diagnosis(result, diagnosis, step, diagnose_json, diagnose_plot)
+        if page is not None:
+            from atpframework.analysis.report import write_report
+
+            written = write_report(result, page, diagnosis=diagnosis)
+            click.echo(f"wrote {written} ({written.stat().st_size / 1024:.0f} kB)")
+        if workflow.verify is not None or diagnosis is not None or page is not None:
+            click.echo(f"done in {time.perf_counter() - started:.1f}s")
 
     _guard(debug, action)
 
@@ -350,7 +364,7 @@ def report_command(result_path: str, output: str | None, diagnosis_path: str | N
     from atpframework.io.results import load_result
 
     def action() -> None:
-        target = _report_target(result_path, output)
+        target = _report_target(result_path, output, option="--output")
         result = load_result(result_path)
         diagnosis = _read_diagnosis(diagnosis_path, result) if diagnosis_path else None
         written = write_report(result, target, diagnosis=diagnosis, title=title)
@@ -359,15 +373,16 @@ def report_command(result_path: str, output: str | None, diagnosis_path: str | N
     _guard(debug, action)
 
 
-def _report_target(result_path: str, output: str | None) -> str:
-    """Where ``atpf report`` writes: ``--output``, or RESULT with ``.html``; never RESULT itself nor a non-HTML file."""
+def _report_target(result_path: str, output: str | None, option: str) -> str:
+    """Where a report goes (``option`` names the CLI option): ``output``, or RESULT with ``.html``; never RESULT
+    itself nor an existing non-HTML file."""
     from pathlib import Path
 
     target = Path(output) if output else Path(result_path).with_suffix(".html")
-    if target.exists() and Path(result_path).exists() and os.path.samefile(target, result_path):
-        raise PlanError(f"--output: {shorten(str(target))} is RESULT itself; name an .html file")
+    if target.resolve() == Path(result_path).resolve():
+        raise PlanError(f"{option}: {shorten(str(target))} is the result file itself; name an .html file")
     if target.exists() and target.suffix.lower() not in (".html", ".htm"):
-        raise PlanError(f"--output: {shorten(str(target))} exists and is not an .html or .htm file; not replacing it")
+        raise PlanError(f"{option}: {shorten(str(target))} exists and is not an .html or .htm file; not replacing it")
     return str(target)
 
 

@@ -179,7 +179,7 @@ def test_cli_workflow_loads_once_and_writes_what_the_separate_commands_write(pla
 
     loads.clear()
     both = invoke("run", plan_file, "-o", tmp_path / "combined.safetensors", "--verify", "7", "--diagnose",
-                  "--samples", "16,40", "--diagnose-json", tmp_path / "combined.json")
+                  "--samples", "16,40", "--diagnose-json", tmp_path / "combined.json", "--report", tmp_path / "combined.html")
     assert both.exit_code == 0, (both.output, both.stderr)
     assert len(loads) == 1
     for desc in ("atp_star: prompt pairs", "verify: patching nodes", "diagnose: random subsets (M=40)"):
@@ -190,12 +190,30 @@ def test_cli_workflow_loads_once_and_writes_what_the_separate_commands_write(pla
     assert_same_scores(combined, separate)
     assert_same_verification(combined, separate)
     assert json.loads((tmp_path / "combined.json").read_text()) == json.loads((tmp_path / "separate.json").read_text())
+    # the page --report wrote is the one `atpf report` makes from the separate commands' files (bar the creation time)
+    done = invoke("report", tmp_path / "separate.safetensors", "--diagnosis", tmp_path / "separate.json", "-o", tmp_path / "separate.html")
+    assert done.exit_code == 0, (done.output, done.stderr)
+    pages = [_page_data(tmp_path / f"{which}.html") for which in ("combined", "separate")]
+    assert pages[0]["diagnosis"] is not None and pages[0]["verification"] is not None
+    assert pages[0] == pages[1]
 
     quiet = invoke("run", plan_file, "-o", tmp_path / "quiet.safetensors", "--verify", "3", "--quiet")
     assert quiet.exit_code == 0 and BAR not in quiet.stderr and "verified 3 of" in quiet.stdout
 
 
+def _page_data(path):
+    """The data blob of a report page, without the fields that name the file or the time it was made."""
+    text = path.read_text()
+    start = text.index('<script type="application/json"')
+    blob = json.loads(text[text.index(">", start) + 1 : text.index("</script>", start)])
+    blob["summary"].pop("created", None)
+    blob["verification"]["info"].pop("created", None)
+    return blob
+
+
 @pytest.mark.parametrize("args, fragments", [
+    (["--report", "{out}"], ["--report:", "is the result file itself"]),
+    (["--report", "r.html", "--dry-run"], ["--report: not with --dry-run"]),
     (["--diagnose"], ["--diagnose: give --verify N", "--verified-top K"]),
     (["--samples", "100"], ["--samples: only with --diagnose"]),
     (["--diagnose-json", "d.json", "--verified-top", "3"], ["--verified-top, --diagnose-json: only with --diagnose"]),
@@ -203,7 +221,8 @@ def test_cli_workflow_loads_once_and_writes_what_the_separate_commands_write(pla
     (["--verify", "5", "--diagnose", "--samples", "20,x"], ["--samples: expected comma-separated numbers"]),
 ])
 def test_cli_workflow_refuses_options_that_do_not_fit(plan_file, tmp_path, args, fragments, loads):
-    done = invoke("run", plan_file, "-o", tmp_path / "out.safetensors", *args)
+    out = tmp_path / "out.safetensors"
+    done = invoke("run", plan_file, "-o", out, *[str(out) if a == "{out}" else a for a in args])
     assert done.exit_code == 2, (done.output, done.stderr)
     assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
     for fragment in fragments:
