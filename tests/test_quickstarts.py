@@ -102,6 +102,7 @@ def test_quickstart_huggingface(tmp_path, monkeypatch):
     ns = run_page("quickstart-huggingface.md", tmp_path, monkeypatch)
     model, estimate, verified = ns["model"], ns["estimate"], ns["verified"]
     assert ns["again"].method == "atp" and ns["again"].model["architecture"] == "LlamaForCausalLM"
+    assert verified.plan["model"]["backend"] == "huggingface", "the backend picked from the model object is recorded"
     nodes = verified_nodes(verified)
     assert len(nodes) == 20 and {name for name, _, _ in nodes} == {"heads", "neurons"}
     name, coords, _ = strongest(nodes)
