@@ -69,7 +69,7 @@ def test_quickstart_transformerlens(tmp_path, monkeypatch, capsys):
     name, coords, effect = strongest(nodes)
     top = estimate.top_k(1)[0]
     assert (name, top.coords) == ("heads", coords)
-    assert (coords["layer"], coords["head"]) == (23, 3)  # SmolLM2's IOI head, as docs/verification.md reports
+    assert (coords["layer"], coords["head"]) == (23, 3)  # SmolLM2's IOI head, as in docs/cli.md's atpf show example
 
     # Its exact effect, patched here through the HookedTransformer's own hook point.
     pair = plan["prompts"][0]
