@@ -129,23 +129,28 @@ def test_quickstart_huggingface(tmp_path, monkeypatch):
             return layer.self_attn.o_proj, (slice(None), coords["pos"], slice(h * d_head, (h + 1) * d_head))
         return layer.mlp.down_proj, (slice(None), coords["pos"], coords["neuron"])
 
+    printed = sorted(nodes, key=lambda node: -float(node[2].abs().mean()))[:8]  # the rows the page prints
+    assert "neurons" in {name for name, _, _ in printed}
     with torch.no_grad():
         base = logit_diff(model(clean).logits)
         torch.testing.assert_close(base, verified.metric_clean, atol=1e-3, rtol=0)
-        for name, coords, effect in nodes:
+        noise_values: dict[int, torch.Tensor] = {}
+        handles = []
+        for i, (name, coords, _) in enumerate(printed):  # one noise pass records every node's noise-run value
             module, where = module_and_slice(name, coords)
-            seen = {}
-
-            def capture(m, args):
-                seen["noise"] = args[0][where].clone()  # returns None: the input goes on unchanged
-
-            handle = module.register_forward_pre_hook(capture)
-            model(noise)
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, i=i, where=where: noise_values.__setitem__(i, args[0][where].clone())))  # None: input unchanged
+        model(noise)
+        for handle in handles:
             handle.remove()
+        assert sorted(noise_values) == list(range(len(printed)))
+        for i, (name, coords, effect) in enumerate(printed):
+            module, where = module_and_slice(name, coords)
+            value = noise_values[i]
 
-            def patch(m, args):
+            def patch(m, args, where=where, value=value):
                 x = args[0].clone()
-                x[where] = seen["noise"]
+                x[where] = value
                 return (x,)
 
             handle = module.register_forward_pre_hook(patch)
