@@ -15,7 +15,7 @@ from atpframework.io.progress import Bar, Progress, check_progress
 from atpframework.io.results import AttributionResult, NodeScores, now_utc, package_versions
 from atpframework.model.backend import AbstractBackend
 from atpframework.model.node import BoundNodes
-from atpframework.model.sae import SplicedBackend, load_saes
+from atpframework.model.sae import SplicedBackend, load_saes, sae_path_problems
 from atpframework.plans.compiled import CompiledPlan
 from atpframework.plans.metrics import Metric, resolve_metric
 from atpframework.plans.plan import AttributionPlan, load_plan, parse_plan
@@ -177,7 +177,8 @@ def run(
     progress = check_progress(progress)
     metric_fn = resolve_metric(plan.metric, metric)
     target = preflight(
-        plan, plan_path, output, overwrite, check_device=model is None and backend is None, metric_given=metric is not None
+        plan, plan_path, output, overwrite, check_device=model is None and backend is None, metric_given=metric is not None,
+        saes=saes,
     )
     backend_given = backend
     group = None
@@ -230,11 +231,13 @@ def preflight(
     overwrite: bool,
     check_device: bool = True,
     metric_given: bool = False,
+    saes: Mapping[str, Any] | None = None,
 ) -> Path | None:
-    """What can be checked before a model loads: the output path (``outputs.py``), the device, and that a
-    ``custom`` metric has its callable (``metric_given``; the CLI never has one).
+    """What can be checked before a model loads: the output path (``outputs.py``), the device, that a
+    ``custom`` metric has its callable (``metric_given``; the CLI never has one), and that every ``saes[i].path``
+    is a sae_lens directory (unless the SAE object is in ``saes``).
     Returns the output path (None when there is none); every problem found is reported in one ``PlanError``."""
-    problems = []
+    problems = sae_path_problems(plan.saes, saes or {})
     if plan.metric.name == "custom" and not metric_given:
         problems.append(
             "metric.name: 'custom' needs a metric callable passed through the Python API (run(plan, metric=...)); "

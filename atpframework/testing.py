@@ -9,7 +9,7 @@
         check_node_type({"kind": "my_node"})
 
     def test_my_backend_conforms():
-        check_backend(lambda: MyBackend.from_model(build_tiny_model()), plans=...)
+        check_backend(lambda: MyBackend.from_model(build_tiny_model()))
 
 Each check runs real plans through ``atpframework.run`` and raises ``AssertionError`` saying what a
 plugin got wrong; it returns a dict of what it measured. What is checked:

@@ -217,3 +217,77 @@ def test_keep_top_stores_the_largest_latents_sparsely_and_round_trips(per, tmp_p
     with safe_open(str(tmp_path / "sparse.safetensors"), framework="pt") as f:
         assert {"scores.sae_latent.indices", "scores.sae_latent.values"} <= set(f.keys())
         assert "scores.sae_latent" not in set(f.keys())
+
+
+# ------------------------------------------------------------- the shipped SAE example without its trained SAE
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+SAE_EXAMPLE = REPO / "examples" / "ioi_smollm2_sae.json"
+
+
+def _refuse_model_loads(monkeypatch):
+    """Make every built-in backend's ``load`` record the call and fail: nothing may load a model."""
+    from atpframework.backends.huggingface import HuggingFaceBackend
+    from atpframework.backends.transformer_lens import TransformerLensBackend
+
+    calls = []
+
+    def load(cls, source, **options):
+        calls.append(source)
+        raise AssertionError(f"the model {source!r} was loaded before the SAE path was checked")
+
+    for backend in (TransformerLensBackend, HuggingFaceBackend):
+        monkeypatch.setattr(backend, "load", classmethod(load))
+    return calls
+
+
+def _train_sae_options():
+    """The options scripts/train_sae.py takes and where it writes by default, read from the script itself."""
+    import re
+
+    text = (REPO / "scripts" / "train_sae.py").read_text()
+    options = set(re.findall(r'add_argument\("(--[a-z-]+)"', text))
+    default_out = re.search(r'Path\(f"(results/saes/smollm2-res)\{args\.layer\}"\)', text)
+    return options, default_out.group(1) if default_out else None
+
+
+def test_the_sae_example_without_its_sae_fails_before_the_model_loads_with_the_command_to_make_it(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from atpframework.cli import main
+
+    calls = _refuse_model_loads(monkeypatch)
+    monkeypatch.chdir(tmp_path)  # SAE paths start at the working directory: no results/saes/ here
+    sae_path = af.load_plan(SAE_EXAMPLE).saes[0].path
+    options, default_out = _train_sae_options()
+    assert {"--layer", "--out"} <= options and sae_path == f"{default_out}12", "the hint must match the script"
+    command = f"python scripts/train_sae.py --layer 12 --out {sae_path}"
+
+    result = CliRunner().invoke(main, [str(SAE_EXAMPLE)])
+    assert result.exit_code == 2, (result.output, result.exception)
+    message = result.stderr
+    assert message.startswith("error: saes[0].path: 'results/saes/smollm2-res12' does not exist"), message
+    assert command in message and str(tmp_path) in message, message
+    assert "Traceback" not in message
+
+    with pytest.raises(af.PlanError) as err:  # the Python API, the same check
+        af.run(SAE_EXAMPLE)
+    assert str(err.value).startswith("saes[0].path: 'results/saes/smollm2-res12' does not exist") and command in str(err.value)
+    assert calls == []
+
+
+def test_an_sae_path_without_cfg_json_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    calls = _refuse_model_loads(monkeypatch)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    plan = {"model": {"source": "bundled:smollm2-135m-instruct"},
+            "prompts": [{"clean": "a b", "noise": "a c", "answer": " b", "wrong_answer": " c"}],
+            "saes": [{"name": "a", "path": str(tmp_path / "empty")}, {"name": "b", "path": str(tmp_path / "weights.safetensors")},
+                     {"name": "c", "path": str(tmp_path / "given")}],
+            "nodes": [{"kind": "sae_latent", "sae": "a"}], "method": {"name": "atp"}}
+    with pytest.raises(af.PlanError) as err:
+        af.run(plan, saes={"c": make_sae("standard")})  # "c" is passed as an object: its path is not read
+    message = str(err.value)
+    assert message.startswith(f"saes[0].path: '{tmp_path / 'empty'}' is a directory without cfg.json"), message
+    assert f"saes[1].path: '{tmp_path / 'weights.safetensors'}' is a file, not a directory" in message
+    assert "saes[2]" not in message and "train_sae" not in message  # not a train_sae.py output: no such hint
+    assert calls == []

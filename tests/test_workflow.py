@@ -101,6 +101,27 @@ def test_session_with_a_model_object_equals_the_calls_given_that_model():
     assert_same_verification(result, reference)
 
 
+def test_session_with_a_model_object_that_picks_its_backend_verifies_its_own_results(hf_dir):
+    """A plan without model.backend runs on the backend the object picks (huggingface here), and its results
+    record that backend: the session must take them as its own model's (it refused them before)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    plan = make_plan([{"kind": "attn_head"}], method="atp")
+    assert "backend" not in plan["model"]
+    session = af.Session(plan, model=model, progress=False)
+    estimate = session.run()
+    assert estimate.plan["model"]["backend"] == "huggingface"
+    result = session.verify(estimate, budget=5)
+    assert session.loads == 1
+    reference = verify(af.run(plan, model=model, progress=False), budget=5, model=model, progress=False)
+    assert_same_scores(result, reference)
+    assert_same_verification(result, reference)
+    tl_plan = dict(plan, model={"source": "in_memory", "backend": "transformer_lens"})
+    with pytest.raises(af.PlanError, match="model.backend"):  # a plan naming another backend is still refused
+        session.run(tl_plan)
+
+
 def test_session_refuses_a_plan_or_result_of_another_model(plan_file, tmp_path, hf_dir, loads):
     session = af.Session(plan_file, progress=False)
     result = session.run(output=tmp_path / "a.safetensors")

@@ -33,11 +33,16 @@ GROUND_TRUTH = {"name": "activation_patching", "nodes_per_pass": 64}
 
 @dataclass(frozen=True)
 class MethodRun:
+    """One method's run in a comparison (or the ground truth's)."""
+
     name: str
+    """The method's label in tables: its name, or its spec as JSON when one method appears twice."""
     spec: dict[str, Any]
+    """The plan's ``method`` entry it ran with."""
     cost: float
     """Own cost, forward passes per pair."""
     wall_s: float
+    """Wall time of the run in seconds (0 for a stored ground truth)."""
     result: AttributionResult
 
 
@@ -50,8 +55,11 @@ class Comparison:
     ground_truth: MethodRun
     runs: list[MethodRun]
     curves: list[RecallCurve]
+    """Per method, the cost of verified recall for k = 1 .. k_max."""
 
     def table(self, ks: Sequence[int] | None = None) -> str:
+        """The Markdown table of each method's cost at ``ks`` (default 1, 5, 10, 20, 50, 100, 200) and RelCost,
+        with the costs and wall times below (what ``compare.md`` holds)."""
         ks = [k for k in (ks or (1, 5, 10, 20, 50, 100, 200)) if k <= self.curves[0].costs.numel()]
         lines = [format_table(self.curves, ks), ""]
         lines.append(f"{self.n_nodes} nodes, {self.n_pairs} prompt pair(s); costs are forward passes per pair (a backward = 2).")
@@ -62,6 +70,7 @@ class Comparison:
         return "\n".join(lines)
 
     def as_json(self) -> dict[str, Any]:
+        """The comparison as JSON-ready data (what ``compare.json`` holds)."""
         return {
             "n_nodes": self.n_nodes,
             "n_pairs": self.n_pairs,

@@ -38,8 +38,9 @@ class Session:
     Args:
         plan: the session's plan (object, dict or JSON path): its model is the one loaded, and it is the
             plan ``run()`` and ``compare()`` use when given none. Optional: the first call's plan then decides.
-        model, tokenizer: a model object (e.g. a ``HookedTransformer``) for the plan's backend, instead of
-            loading ``model.source``.
+        model: a model object (e.g. a ``HookedTransformer``) for the plan's backend, instead of loading
+            ``model.source``.
+        tokenizer: a tokenizer for ``model``, when it has none attached.
         backend: an already-loaded backend to use.
         saes: SAE objects for plan ``saes`` entries without a path or release, by name (every call).
         device: load the model on this device instead of the plan's ``model.device``.
@@ -66,7 +67,7 @@ class Session:
         self._saes = dict(saes or {})
         self._device = device
         self.progress = check_progress(progress)
-        self._spec: dict[str, Any] | None = _model_spec(self.plan) if self.plan is not None else None
+        self._spec: dict[str, Any] | None = self._spec_of(self.plan) if self.plan is not None else None
         self.loads = 0
         """How many times this session loaded a model (0 or 1)."""
 
@@ -82,9 +83,20 @@ class Session:
         assert self._backend is not None
         return self._backend
 
+    def _spec_of(self, plan: AttributionPlan) -> dict[str, Any]:
+        """The model ``plan`` names, with the backend that runs it in this session: a plan may leave
+        ``model.backend`` out and let the model object pick it (``api.backend_for``), and its results record
+        the backend that ran, so the plan and its results name the same model."""
+        spec = _model_spec(plan)
+        if self._model is not None:
+            spec["backend"] = api.backend_for(plan, self._model)
+        elif self._backend is not None and self._given:
+            spec["backend"] = self._backend.name
+        return spec
+
     def _backend_for(self, plan: AttributionPlan) -> AbstractBackend:
         """The session's backend, after checking that ``plan`` names the session's model; loads it on first use."""
-        spec = _model_spec(plan)
+        spec = self._spec_of(plan)
         if self._spec is None:
             self._spec = spec
         elif spec != self._spec:

@@ -158,10 +158,14 @@ def verify(
         budget: how many (not yet verified) nodes to verify.
         until_stable: instead, verify until the last ``patience`` verified nodes did not change the top ``top``
             nodes by verified mean |effect| (or every node is verified).
-        top, patience: see ``until_stable``; ``patience`` defaults to ``max(top, nodes_per_pass)``.
+        top: the size of the top set ``until_stable`` watches, and of the report.
+        patience: see ``until_stable``; defaults to ``max(top, nodes_per_pass)``.
         threshold: a verified node is *confirmed* when its mean |effect| is at least this (default
             ``default_threshold``: 5% of the mean |metric(noise) - metric(clean)|).
-        nodes_per_pass, backend, model, saes: how to run exact patching (the model defaults to the plan's source).
+        nodes_per_pass: nodes patched per forward pass.
+        backend: an already loaded backend to patch on (default: load the plan's model).
+        model: a model object to patch on instead of loading the plan's ``model.source``.
+        saes: SAE objects for the plan's ``saes`` entries without a path or release, by name.
         progress: ``True``: a progress bar on stderr, per forward pass of ``nodes_per_pass`` nodes; ``False``:
             none; a callable: called with the number of nodes verified after each chunk (``atpframework.io.progress``).
     """
@@ -288,9 +292,11 @@ class Diagnosis:
     """What ``diagnose`` found."""
 
     verified_top: int
+    """How many top estimated nodes were verified before sampling."""
     remainder: int
     """Unverified nodes the bound covers."""
     p: float
+    """Probability that a random subset includes a node."""
     bounds: dict[float, list[tuple[int, float]]]
     """Confidence -> (samples so far, upper bound on any unverified node's |effect|) after each budget."""
     worst_node: dict[float, int]
@@ -298,6 +304,7 @@ class Diagnosis:
     verified_effects: Tensor
     """``verified``: mean |effect| of the verified nodes, descending."""
     forward_equivalents_per_pair: float
+    """What the diagnosis cost, in forward passes per prompt pair."""
 
     def warnings(self) -> list[str]:
         """Why a bound says little, per confidence: infinite (too few samples), not shrinking between the
@@ -320,6 +327,7 @@ class Diagnosis:
         return out
 
     def as_json(self) -> dict[str, Any]:
+        """The diagnosis as JSON-ready data (what ``atpf diagnose --json`` writes)."""
         return {
             "verified_top": self.verified_top, "remainder": self.remainder, "p": self.p, "warnings": self.warnings(),
             "bounds": {str(c): [[n, t] for n, t in b] for c, b in self.bounds.items()},
@@ -343,13 +351,29 @@ def diagnose(
     saes: Mapping[str, Any] | None = None,
     progress: Progress = True,
 ) -> tuple[AttributionResult, Diagnosis]:
-    """Bound the effect of every node outside the estimated top ``verified_top`` (see module docstring).
+    """Bound the effect of every node outside the estimated top ``verified_top``.
 
-    ``samples``: increasing sample budgets; the bound is reported after each (sampling continues).
-    ``progress``: ``True``: progress bars on stderr (verifying the top nodes not yet verified, then the
-    random subsets); ``False``: none; a callable: called with the nodes verified, then the subsets
-    evaluated, at each step (``atpframework.io.progress``).
-    Returns the result (with any newly verified nodes stored) and the diagnosis.
+    The top ``verified_top`` nodes are verified (reusing stored verifications); then random subsets of
+    the rest are patched jointly and a Welch upper bound on any unverified node's ``|effect|`` is
+    reported at each confidence, after each sample budget ([verification](verification.md#the-diagnostic-bound)).
+
+    Args:
+        result: a result or its file.
+        verified_top: how many top estimated nodes are (or get) verified.
+        samples: increasing sample budgets; the bound is reported after each (sampling continues).
+        confidences: confidence levels of the bound, each in (0, 1).
+        p: probability that a random subset includes a node.
+        seed: seed of the random subsets.
+        nodes_per_pass: subsets (or nodes) patched per forward pass.
+        backend: an already loaded backend to patch on (default: load the plan's model).
+        model: a model object to patch on instead of loading the plan's ``model.source``.
+        saes: SAE objects for the plan's ``saes`` entries without a path or release, by name.
+        progress: ``True``: progress bars on stderr (verifying the top nodes not yet verified, then the
+            random subsets); ``False``: none; a callable: called with the nodes verified, then the subsets
+            evaluated, at each step (``atpframework.io.progress``).
+
+    Returns:
+        The result (with any newly verified nodes stored) and the diagnosis.
     """
     result = _as_result(result)
     samples = _checked_diagnose_options(samples, p, confidences)

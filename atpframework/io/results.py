@@ -59,7 +59,9 @@ class NodeScores:
     """Scores of one plan node selection."""
 
     name: str
+    """The selection's result name (the plan entry's ``name``, else its ``kind``)."""
     kind: str
+    """The node type (``attn_head``, ``mlp_neuron``, ...)."""
     dims: tuple[str, ...]
     """Axis names of ``per_pair``: ``pair`` then ``layer`` then the node type's index axes."""
     index: dict[str, list[int] | str]
@@ -99,7 +101,9 @@ class TopNode:
     """One row of ``AttributionResult.top_k``."""
 
     name: str
+    """The node's selection (result name)."""
     kind: str
+    """The node type."""
     coords: dict[str, int | str]
     """Model index per axis (``"all"`` for summed axes)."""
     score: float
@@ -211,19 +215,27 @@ class AttributionResult:
     """Per-pair node effects with everything needed to reproduce and interpret them."""
 
     nodes: dict[str, NodeScores]
+    """The scores of each node selection of the plan, by result name (``result["heads"]`` reads one)."""
     metric_clean: Tensor
     """``pair``: metric on the clean prompt."""
     metric_noise: Tensor
     """``pair``: metric on the noise prompt."""
     clean_tokens: list[list[int]]
+    """Each clean prompt's token ids (padding removed)."""
     noise_tokens: list[list[int]]
+    """Each noise prompt's token ids (padding removed)."""
     plan_json: str
     """Canonical plan JSON."""
     method: str
+    """The method's name (``atp``, ``atp_star``, ``activation_patching``, ...)."""
     metric: str
+    """The metric's name (``logit_diff``, ...)."""
     model: dict[str, Any]
+    """The loaded model's description (source, architecture, sizes, dtype, device; the SAEs spliced in)."""
     versions: dict[str, str] = field(default_factory=dict)
+    """Installed versions of atpframework, torch and the model libraries when the result was made."""
     created: str = ""
+    """Creation time, ISO 8601 UTC (``2026-11-25T09:48:42Z``)."""
     sign_convention: str = SIGN_CONVENTION
     """What the per-pair scores mean (``SIGN_CONVENTION`` or ``GRADDROP_CONVENTION``)."""
     extras: dict[str, Tensor] = field(default_factory=dict)
@@ -240,7 +252,7 @@ class AttributionResult:
 
     def with_token_strings(self, decode: Callable[[list[int]], list[str]]) -> "AttributionResult":
         """This result with ``clean_strings`` / ``noise_strings`` decoded by ``decode`` (token ids -> one string per
-        id), e.g. for a file written before schema 4: ``result.with_token_strings(backends.decode_each(tokenizer))``
+        id), e.g. for a file written before schema 4: ``result.with_token_strings(lambda ids: [tokenizer.decode([i]) for i in ids])``
         or ``lambda ids: model.to_str_tokens(torch.tensor(ids), prepend_bos=False)``."""
         clean = [list(decode(list(t))) for t in self.clean_tokens]
         noise = [list(decode(list(t))) for t in self.noise_tokens]
@@ -270,6 +282,7 @@ class AttributionResult:
 
     @property
     def plan(self) -> dict[str, Any]:
+        """The plan that produced this result, as a dict (canonical: every default filled in)."""
         return json.loads(self.plan_json)
 
     def scores(self, name: str, how: Aggregate = "mean_abs") -> Tensor:

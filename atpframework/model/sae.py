@@ -23,7 +23,10 @@ The splice runs on top of any backend's plain site hooks (``SplicedBackend``); S
 into passes that read their views.
 """
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import os
+import re
+import shlex
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +35,7 @@ from typing import Any
 from einops import rearrange
 from torch import Tensor, nn
 
-from atpframework.errors import BackendError, PlanError, shorten
+from atpframework.errors import MAX_SHOWN, BackendError, PlanError, shorten
 from atpframework.model.backend import AbstractBackend, SiteHook, apply_site_hooks
 from atpframework.model.interventions import Intervention, Patch
 from atpframework.model.sites import Site
@@ -72,6 +75,47 @@ def _architecture(sae: Any) -> str:
     cfg = getattr(sae, "cfg", None)
     arch = getattr(cfg, "architecture", None)
     return str(arch() if callable(arch) else arch or type(sae).__name__)
+
+
+TRAINED_SAE_DIR = re.compile(r"smollm2-res(\d+)")
+"""The folder name ``scripts/train_sae.py`` gives the SAE it trains (``results/saes/smollm2-res<layer>``)."""
+
+
+def sae_path_problem(path: str, where: str) -> str | None:
+    """Why ``path`` (a plan's ``saes[i].path``, relative to the working directory) is not a sae_lens directory,
+    with how to get one; None when it holds a ``cfg.json``. Checked before the model loads."""
+    folder = Path(path)
+    if (folder / "cfg.json").is_file():
+        return None
+    if not folder.exists():
+        what = "does not exist"
+    elif not folder.is_dir():
+        what = "is a file, not a directory"
+    else:
+        what = "is a directory without cfg.json"
+    message = (
+        f"{where}.path: {shorten(path)} {what} (relative paths start at the working directory {shorten(os.getcwd())}); "
+        "allowed: a sae_lens directory holding cfg.json and sae_weights.safetensors (as SAE.save_model writes it)"
+    )
+    trained = TRAINED_SAE_DIR.fullmatch(folder.name)
+    if trained:
+        message += (
+            f". This is where scripts/train_sae.py writes the SAE it trains on the bundled SmolLM2; create it by running, "
+            f"from the repository root (about 3 minutes on 2 CPU cores): "
+            f"python scripts/train_sae.py --layer {trained.group(1)} --out {shlex.quote(path) if len(path) <= MAX_SHOWN else shorten(path)}"
+        )
+    return message
+
+
+def sae_path_problems(specs: Sequence[Any], in_memory: Collection[str] = ()) -> list[str]:
+    """``sae_path_problem`` of every plan ``saes`` entry with a ``path`` (except those passed as objects by name)."""
+    problems = []
+    for i, spec in enumerate(specs):
+        if spec.path is not None and spec.name not in in_memory:
+            problem = sae_path_problem(spec.path, f"saes[{i}]")
+            if problem:
+                problems.append(problem)
+    return problems
 
 
 def load_saes(specs: Sequence[Any], backend: AbstractBackend, in_memory: Mapping[str, Any]) -> dict[str, AttachedSae]:
@@ -123,8 +167,9 @@ def _load_from_files(spec: Any, where: str) -> tuple[Any, str]:
     if spec.path is not None:
         from sae_lens import SAE
 
-        if not (Path(spec.path) / "cfg.json").is_file():
-            raise PlanError(f"{where}.path: {shorten(spec.path)} is not a sae_lens directory (no cfg.json)")
+        problem = sae_path_problem(spec.path, where)
+        if problem:
+            raise PlanError(problem)
         try:
             return SAE.load_from_disk(spec.path, device="cpu").eval(), spec.path
         except Exception as err:
