@@ -54,6 +54,7 @@ from atpframework.model.backend import (
 from atpframework.model.bundled import BUNDLED_PREFIX, bundled_model_dir
 from atpframework.model.sites import SITE_NAMES, Site
 
+from .tl_hook_names import resolve_hook_names
 from .tokenizers import decode_each, tokenize_text, tokenizer_adds_bos, usable_tokenizer
 from .transformer_lens import site_of_tl_hook_name
 
@@ -441,6 +442,11 @@ class HuggingFaceBackend(AbstractBackend):
     # ----------------------------------------------------------------- running
     def tokenize(self, text: str, prepend_bos: bool | None) -> list[int]:
         return tokenize_text(self.tokenizer, text, self.default_prepend_bos if prepend_bos is None else prepend_bos)
+
+    @classmethod
+    def resolve_node_kinds(cls, nodes: Any) -> Any:
+        """TransformerLens hook names as node kinds (``tl_hook_names.py``)."""
+        return resolve_hook_names(nodes)
 
     def token_strings(self, tokens: Sequence[int]) -> list[str] | None:
         return decode_each(self.tokenizer, tokens)

@@ -34,6 +34,7 @@ from atpframework.model.backend import (
 from atpframework.model.bundled import BUNDLED_PREFIX, bundled_model_dir
 from atpframework.model.sites import SITE_NAMES, Site
 
+from .tl_hook_names import resolve_hook_names
 from .tokenizers import decode_each, tokenize_text, tokenizer_adds_bos, usable_tokenizer
 
 _OPTIONS = {"model_class": ("hooked_transformer", "bridge")}
@@ -210,6 +211,11 @@ class TransformerLensBackend(AbstractBackend):
         if prepend_bos is None:
             prepend_bos = bool(getattr(self.model.cfg, "default_prepend_bos", False))
         return tokenize_text(self.tokenizer, text, prepend_bos)
+
+    @classmethod
+    def resolve_node_kinds(cls, nodes: Any) -> Any:
+        """TransformerLens hook names as node kinds (``tl_hook_names.py``)."""
+        return resolve_hook_names(nodes)
 
     def token_strings(self, tokens: Sequence[int]) -> list[str] | None:
         return decode_each(self.tokenizer, tokens)

@@ -4,14 +4,15 @@ patches (or differentiates) that very hook, and ``hook_z`` against ``transformer
 hook names without a node kind are refused with the reason and the table."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import ARCHITECTURES, make_plan, tiny_model
 
 import atpframework as af
+from atpframework.backends.tl_hook_names import HOOK_ALIASES
 from atpframework.errors import PlanError
-from atpframework.plans.hook_names import HOOK_ALIASES
 from atpframework.plans.plan import plan_json_schema
 
 ALIASED = [
@@ -230,9 +231,11 @@ def test_redundant_layers_are_accepted():
 
 
 def test_the_schema_mentions_hook_names():
+    """The schema says hook names are accepted and where the table is (the names themselves live in backends/)."""
     description = plan_json_schema()["properties"]["nodes"]["description"]
-    assert "'blocks.3.attn.hook_z' is kind 'attn_head' with layers [3]" in description
-    assert "mlp.hook_post -> mlp_neuron" in description
+    assert "TransformerLens hook names" in description and "docs/nodes.md" in description
+    table = (Path(__file__).parent.parent / "docs" / "nodes.md").read_text()
+    assert "mlp.hook_post" in table and "hook_resid_post" in table
 
 
 def test_with_query_key_norms_hook_q_is_the_same_patch_but_attn_q_is_after_the_norm():

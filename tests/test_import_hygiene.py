@@ -179,7 +179,7 @@ LAYERS = [
     ("foundations", ["errors", "version", "plugins"]),
     ("io", ["io", "io.files", "io.tables", "io.progress", "io.results"]),
     ("model", ["model", "model.dims", "model.sites", "model.backend", "model.node", "model.interventions", "model.sae", "model.bundled"]),
-    ("plans", ["plans", "plans.chunking", "plans.hook_names", "plans.plan", "plans.metrics", "plans.compiled"]),
+    ("plans", ["plans", "plans.chunking", "plans.plan", "plans.metrics", "plans.compiled"]),
     ("maths", ["maths", "maths.attention", "maths.graddrop", "maths.diagnostic"]),
     ("methods", ["methods", "methods.base", "methods.atp", "methods.patching", "methods.baselines"]),
     ("engine", ["engine", "engine.runner", "engine.checks", "engine.checkpoint", "engine.outputs", "engine.distributed"]),

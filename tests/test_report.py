@@ -246,7 +246,7 @@ def test_atpf_report_writes_the_page_and_names_bad_options(inputs, tmp_path):
         assert out.returncode == code and message in out.stderr and "Traceback" not in out.stderr, out.stderr
 
     fails("missing.safetensors", "-o", "x.html", code=2, message="missing.safetensors: no such file")
-    fails("r.safetensors", "-o", "r.safetensors", code=2, message="--output: 'r.safetensors' is RESULT itself")
+    fails("r.safetensors", "-o", "r.safetensors", code=2, message="--output: 'r.safetensors' is the result file itself")
     (tmp_path / "notes.txt").write_text("keep me")
     fails("r.safetensors", "-o", "notes.txt", code=2, message="--output: 'notes.txt' exists and is not an .html or .htm file")
     assert (tmp_path / "notes.txt").read_text() == "keep me"

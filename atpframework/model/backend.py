@@ -123,6 +123,14 @@ class AbstractBackend(ABC):
         """
         raise NotImplementedError(self.attention_unsupported(layer))
 
+    @classmethod
+    def resolve_node_kinds(cls, nodes: Any) -> Any:
+        """A plan's ``nodes`` (as parsed JSON, before validation) with node kinds written in this backend's
+        library vocabulary rewritten to node kinds and layers (e.g. TransformerLens hook names,
+        ``backends/tl_hook_names.py``); ``nodes`` itself when nothing changes. Raise ``PlanError`` naming
+        ``nodes[i].kind`` for a name it knows but cannot map. Default: ``nodes`` unchanged."""
+        return nodes
+
     def token_strings(self, tokens: Sequence[int]) -> list[str] | None:
         """Each token id decoded on its own (``" Mary"``), stored in results to label positions; None when the
         backend cannot decode (no tokenizer). Default: None."""

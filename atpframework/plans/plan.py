@@ -21,7 +21,6 @@ from atpframework import plugins
 from atpframework.errors import MAX_PROBLEMS, PlanError, PluginError, problem_list, shorten
 from atpframework.model.node import NodeSpec
 from atpframework.plans.chunking import parse_bytes
-from atpframework.plans.hook_names import alias_table, resolve_hook_names
 
 PLAN_SCHEMA: Final = "atpf.plan/1"
 """Schema id of the plan format this version reads and writes."""
@@ -34,10 +33,12 @@ INT_RANGE = (-(2**63), 2**63 - 1)
 SHOWN_DEPTH = 8
 """Locations deeper than this are named by their first levels and ``...``."""
 NODES_DESCRIPTION = (
-    "Node selections, one result tensor each. A kind may also be written as a TransformerLens hook name where a node "
-    "kind patches that activation ('blocks.3.attn.hook_z' is kind 'attn_head' with layers [3]; 'hook_z' alone, every "
-    "layer): " + alias_table() + ". The hook name is resolved when the plan is parsed; the canonical plan holds the kind."
+    "Node selections, one result tensor each. A kind may also be written in the vocabulary of the plan's backend, "
+    "resolved when the plan is parsed (the canonical plan holds the node kind): both built-in backends accept "
+    "TransformerLens hook names where a node kind patches that activation (table: docs/nodes.md)."
 )
+DEFAULT_BACKEND = "transformer_lens"
+"""``model.backend`` when a plan leaves it out (and no model object decides it)."""
 DEVICE_FORMS = "allowed: a torch device string such as 'cpu', 'cuda', 'cuda:1', 'mps' or 'xpu' (not 'meta')"
 
 
@@ -51,7 +52,7 @@ class ModelSpec(_Strict):
     source: str
     """``bundled:smollm2-135m-instruct``, a local Hugging Face directory, a hub name, or ``in_memory``
     (the Python API passes the model object)."""
-    backend: str = "transformer_lens"
+    backend: str = DEFAULT_BACKEND
     """A backend entry-point name (``atpframework.backends`` group)."""
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
@@ -243,12 +244,12 @@ def parse_plan(data: Any) -> AttributionPlan:
     schema = data.get("schema", PLAN_SCHEMA)
     if schema != PLAN_SCHEMA:
         raise PlanError(f"schema: this atpframework reads plans of schema {PLAN_SCHEMA!r}, got {shorten(schema)}")
-    nodes = resolve_hook_names(data.get("nodes"))  # TransformerLens hook names -> node kinds and layers
+    _check_backend(data.get("model"))
+    nodes = _resolve_node_kinds(data)  # e.g. TransformerLens hook names -> node kinds and layers (the backend's vocabulary)
     if nodes is not data.get("nodes"):
         data = {**data, "nodes": nodes}
     kinds = _node_kinds(data.get("nodes"))
     methods = _method_names(data.get("method"))
-    _check_backend(data.get("model"))
     cls = plan_model(kinds, methods)
     try:
         return cls.model_validate(data)
@@ -314,9 +315,21 @@ _known_backends: set[str] = set()
 """Backend names seen installed (listing entry points takes milliseconds; a miss lists them again)."""
 
 
+def _resolve_node_kinds(data: dict[str, Any]) -> Any:
+    """The plan's ``nodes`` with kinds that are not installed node types offered to the plan's backend
+    (``AbstractBackend.resolve_node_kinds``), which may rewrite them from its library's vocabulary."""
+    nodes, model = data.get("nodes"), data.get("model")
+    installed = set(plugins.available("nodes"))
+    if not isinstance(nodes, list) or all(not isinstance(n, dict) or not isinstance(n.get("kind"), str) or n["kind"] in installed
+                                          for n in nodes):
+        return nodes
+    backend = model.get("backend", DEFAULT_BACKEND) if isinstance(model, dict) else DEFAULT_BACKEND
+    return plugins.load("backends", backend if isinstance(backend, str) else DEFAULT_BACKEND).resolve_node_kinds(nodes)
+
+
 def _check_backend(model: Any) -> None:
     """``PlanError`` listing the installed backends if ``model.backend`` names none of them (other types: pydantic's)."""
-    backend = model.get("backend", "transformer_lens") if isinstance(model, dict) else None
+    backend = model.get("backend", DEFAULT_BACKEND) if isinstance(model, dict) else None
     if not isinstance(backend, str) or backend in _known_backends:
         return
     installed = plugins.available("backends")

@@ -8,8 +8,10 @@ rotation fixed per position, which clean and noise share; block ``L``'s ``hook_r
 input of block ``L + 1``). Other hook names (patterns, pre-activations, norms, embeddings...) are refused
 with the reason and the table (``UNSUPPORTED``).
 
-Aliases are resolved when a plan is parsed (``plan.parse_plan`` calls ``resolve_hook_names``): the plan
-object, its canonical JSON and every result hold the node kind and its layers, never the hook name.
+Aliases are resolved when a plan is parsed: ``plan.parse_plan`` asks the plan's backend
+(``AbstractBackend.resolve_node_kinds``), and both built-in backends answer with ``resolve_hook_names`` (sae_lens
+records TransformerLens hook names whatever library runs the model). The plan object, its canonical JSON and every
+result hold the node kind and its layers, never the hook name. Library hook names live in ``backends/`` only.
 """
 
 import re
