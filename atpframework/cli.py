@@ -212,7 +212,10 @@ def _checked_workflow_options(ctx: click.Context, verify_budget: int | None, run
     if run_diagnose and verified_top is None and verify_budget is None:
         raise PlanError("--diagnose: give --verify N (the verified top is then those N nodes) or --verified-top K")
     top = (verified_top if verified_top is not None else verify_budget) if run_diagnose else None
-    return _Workflow(verify_budget, top, _ints(samples, "--samples") if run_diagnose else [])
+    budgets = _ints(samples, "--samples") if run_diagnose else []
+    if run_diagnose and (not budgets or min(budgets) < 4):
+        raise PlanError(f"--samples: each sample budget must be at least 4 (got {samples!r})")
+    return _Workflow(verify_budget, top, budgets)
 
 
 @main.command("show")

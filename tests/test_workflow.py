@@ -240,6 +240,7 @@ def _page_data(path):
     (["--diagnose-json", "d.json", "--verified-top", "3"], ["--verified-top, --diagnose-json: only with --diagnose"]),
     (["--verify", "5", "--dry-run"], ["--verify: not with --dry-run"]),
     (["--verify", "5", "--diagnose", "--samples", "20,x"], ["--samples: expected comma-separated numbers"]),
+    (["--verify", "5", "--diagnose", "--samples", "2,100"], ["--samples: each sample budget must be at least 4"]),
 ])
 def test_cli_workflow_refuses_options_that_do_not_fit(plan_file, tmp_path, args, fragments, loads):
     out = tmp_path / "out.safetensors"

@@ -44,7 +44,8 @@ class Session:
         backend: an already-loaded backend to use.
         saes: SAE objects for plan ``saes`` entries without a path or release, by name (every call).
         device: load the model on this device instead of the plan's ``model.device``.
-        progress: the default of every call's ``progress`` (``True``: bars on stderr; ``False``: none).
+        progress: the default of every call's ``progress`` (``True``: bars on stderr; ``False``: none); a call's
+            own ``progress`` (``None``: this default) overrides it.
     """
 
     def __init__(
@@ -69,7 +70,8 @@ class Session:
         self.progress = check_progress(progress)
         self._spec: dict[str, Any] | None = self._spec_of(self.plan) if self.plan is not None else None
         self.loads = 0
-        """How many times this session loaded a model (0 or 1)."""
+        """How many times this session built its backend (loaded the model, or wrapped the model object given):
+        0 until a call needs the model, then 1."""
 
     # ------------------------------------------------------------- the model
     @property
