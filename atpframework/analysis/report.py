@@ -234,13 +234,8 @@ def _selections(result: AttributionResult, notes: list[str]) -> list[dict[str, A
 def _node_values(result: AttributionResult, name: str) -> dict[str, Tensor]:
     """``score`` (mean |score| over pairs: the ranking), ``signed`` (the signed estimate) and ``verified`` (mean
     exact effect; NaN where not verified) of every node, shape ``layer *axes``, float64."""
-    ns = result[name]
-    score = ns.aggregate("mean_abs").double()
-    verified = torch.full((score.numel(),), math.nan, dtype=torch.float64)
-    if name in result.verified:
-        checked = result.verified[name]
-        verified[checked.index] = checked.effects.double().mean(0)
-    return {"score": score, "signed": result.signed_estimate(name).double(), "verified": verified.reshape(score.shape)}
+    score = result[name].aggregate("mean_abs").double()
+    return {"score": score, "signed": result.signed_estimate(name).double(), "verified": result.verified_effect(name)}
 
 
 def _axis_labels(ns: NodeScores, dim: str) -> list[int | str]:

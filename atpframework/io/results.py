@@ -315,7 +315,6 @@ class AttributionResult:
         rows: list[TopNode] = []
         for name in names or list(self.nodes):
             ns = self[name]
-            shape = tuple(ns.per_pair.shape[1:])
             flat, score, signed = _ranked(ns, k, how)
             estimate = signed if self.sign_convention != GRADDROP_CONVENTION else _graddrop_signed(self.extras, name, flat)
             for i, s, m, e in zip(flat.tolist(), score.tolist(), signed.tolist(), estimate.tolist()):
@@ -335,6 +334,16 @@ class AttributionResult:
         name, _ = numbering.locate(node)
         flat = node - numbering.offsets[numbering.names.index(name)]
         return self._top_node(self[name], flat, 0.0, 0.0, math.nan).label()
+
+    def verified_effect(self, name: str) -> Tensor:
+        """Mean over pairs of the exact effect of each node of selection ``name`` that ``atpf verify`` measured
+        (``layer *axes``, float64), NaN for nodes not verified."""
+        ns = self[name]
+        out = torch.full((ns.per_pair[0].numel(),), math.nan, dtype=torch.float64)
+        if name in self.verified:
+            checked = self.verified[name]
+            out[checked.index] = checked.effects.double().mean(0)
+        return out.reshape(ns.per_pair.shape[1:])
 
     def signed_estimate(self, name: str) -> Tensor:
         """Mean over pairs of the signed per-pair estimate of selection ``name`` (``layer *axes``, float64): the
@@ -398,11 +407,7 @@ class AttributionResult:
             columns["score"] = ns.aggregate(how).flatten().double().numpy()
             columns["signed_mean"] = ns.aggregate("mean").flatten().double().numpy()
             columns["signed_estimate"] = self.signed_estimate(name).flatten().numpy()
-            verified = np.full(n_nodes, np.nan)
-            if name in self.verified:
-                checked = self.verified[name]
-                verified[checked.index.numpy()] = checked.effects.double().mean(0).numpy()
-            columns["verified_effect"] = verified
+            columns["verified_effect"] = self.verified_effect(name).flatten().numpy()
             frames.append(pd.DataFrame(columns))
         df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         if index and len(df):
