@@ -32,7 +32,7 @@ from atpframework.model.backend import (
     start_hooks,
 )
 from atpframework.model.bundled import BUNDLED_PREFIX, bundled_model_dir
-from atpframework.model.sites import SITE_NAMES, Site
+from atpframework.model.sites import EDGE_SITES, SITE_NAMES, Site
 
 from .tl_hook_names import resolve_hook_names
 from .tokenizers import decode_each, tokenize_text, tokenizer_adds_bos, usable_tokenizer
@@ -40,6 +40,9 @@ from .tokenizers import decode_each, tokenize_text, tokenizer_adds_bos, usable_t
 _OPTIONS = {"model_class": ("hooked_transformer", "bridge")}
 """Option -> allowed values, the first the default."""
 _HEAD_SITES = {"attn_z", "attn_q", "attn_k", "attn_v"}
+_EDGE_FLAGS = ("use_attn_result", "use_split_qkv_input", "use_hook_mlp_in")
+"""TransformerLens config switches that make the edge sites exist; on only for passes hooking an edge site
+(they cost memory), and then all of them, so every pass of a plan with edges computes the same numbers."""
 _BRIDGE_QK_FIX_ATTENTION = {"GPT2Attention", "LlamaAttention"}
 """Hugging Face attention classes whose pattern the bridge path recomputes (tested against the bridge's own)."""
 _RECORDED_HOOK_SITES = [
@@ -104,7 +107,7 @@ class TransformerLensBackend(AbstractBackend):
         ungrouped = bool(getattr(cfg, "ungroup_grouped_query_attention", False))
         param = next(model.parameters())
         parallel = bool(getattr(cfg, "parallel_attn_mlp", False))
-        self.supported_sites = frozenset(SITE_NAMES) - ({"resid_mid"} if parallel else set())
+        self.supported_sites = frozenset(SITE_NAMES) - ({"resid_mid"} if parallel else set()) - self._edge_sites_missing(cfg)
         self.info = ModelInfo(
             source=source,
             architecture=str(getattr(cfg, "original_architecture", None) or type(model).__name__),
@@ -122,6 +125,15 @@ class TransformerLensBackend(AbstractBackend):
             parallel_blocks=parallel,
             n_ctx=getattr(cfg, "n_ctx", None),
         )
+
+    def _edge_sites_missing(self, cfg: Any) -> frozenset[str]:
+        """Edge sites this model cannot serve: all on a bridge and where a head's result is not its residual
+        write (normalization after the sublayer, post-norm blocks); ``mlp_input`` without MLPs."""
+        from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
+
+        if self.is_bridge or getattr(cfg, "use_normalization_before_and_after", False) or getattr(cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES:
+            return EDGE_SITES
+        return frozenset({"mlp_input"}) if getattr(cfg, "attn_only", False) else frozenset()
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -237,6 +249,11 @@ class TransformerLensBackend(AbstractBackend):
             "mlp_in": f"blocks.{site.layer}.ln2.hook_normalized"
             if f"blocks.{site.layer}.ln2.hook_normalized" in self.model.hook_dict
             else f"blocks.{site.layer}.hook_resid_mid",
+            "attn_result": f"blocks.{site.layer}.attn.hook_result",
+            "attn_q_input": f"blocks.{site.layer}.hook_q_input",
+            "attn_k_input": f"blocks.{site.layer}.hook_k_input",
+            "attn_v_input": f"blocks.{site.layer}.hook_v_input",
+            "mlp_input": f"blocks.{site.layer}.hook_mlp_in",
         }[site.name]
 
     def site_of_hook_name(self, hook_name: str) -> Site | None:
@@ -255,7 +272,13 @@ class TransformerLensBackend(AbstractBackend):
 
     def _run(self, hooks: Mapping[Site, Sequence[SiteHook]], model_input: Tensor, **kwargs: Any) -> Tensor:
         handles = []
+        cfg = self.model.cfg
+        saved_flags = {flag: getattr(cfg, flag) for flag in _EDGE_FLAGS}
+        edges = any(site.name in EDGE_SITES for site in hooks)
         try:
+            if edges:
+                for flag in _EDGE_FLAGS:
+                    setattr(cfg, flag, flag != "use_hook_mlp_in" or not cfg.attn_only)
             for site, fns in hooks.items():
                 point = self.model.hook_dict[self.hook_name(site)]
                 handles.append(point.register_forward_hook(self._wrap(site, list(fns))))
@@ -263,6 +286,8 @@ class TransformerLensBackend(AbstractBackend):
         finally:
             for handle in handles:
                 handle.remove()
+            for flag, value in saved_flags.items():
+                setattr(cfg, flag, value)
 
     def _wrap(self, site: Site, fns: list[SiteHook]):
         d_head = self.info.d_head

@@ -18,7 +18,9 @@ from atpframework.engine.checks import check_metric, locate_nonfinite, nonfinite
 from atpframework.errors import BackendError, NonFiniteError, PlanError, problem_list, shorten
 from atpframework.methods.base import get_method
 from atpframework.model.backend import AbstractBackend
+from atpframework.model.edges import edge_writer_sites
 from atpframework.model.node import BindingContext, BoundNodes, bind_nodes
+from atpframework.model.sites import EDGE_SITES
 from atpframework.plans.chunking import Chunking, choose_chunking, node_positions, parse_bytes
 from atpframework.plans.compiled import Batch, BatchOutput, BatchRun, CompiledPlan, PreparedPair
 from atpframework.plans.metrics import NEEDS_ANSWER, Metric
@@ -47,6 +49,8 @@ def compile_plan(plan: AttributionPlan, backend: AbstractBackend) -> CompiledPla
         name = b.site_name or b.node.site
         if not b.view and name not in backend.supported_sites:
             why = " (its blocks run attention and MLP in parallel: no residual stream between them)" if info.parallel_blocks else ""
+            if name in EDGE_SITES:
+                why = " (edges need each reader's own input and each head's result; see docs/edges.md for the backends and models that serve them)"
             raise PlanError(
                 f"nodes[{i}]: node kind {b.node.kind!r} reads site {name!r}, which the {backend.name} backend does not serve on this model{why}"
             )
@@ -58,7 +62,13 @@ def compile_plan(plan: AttributionPlan, backend: AbstractBackend) -> CompiledPla
                     f"got lengths {lengths}; select positions by a list (e.g. [-1]) or 'all'"
                 )
 
-    sites = tuple(sorted({b.site(layer) for b in first for entry in b.layers.entries for layer in entry}))
+    writers = edge_writer_sites(first, info)
+    missing = sorted({s.name for s in writers} - backend.supported_sites)
+    if missing:
+        raise PlanError(
+            f"nodes: the edge selections read the writer site(s) {missing}, which the {backend.name} backend does not serve on this model"
+        )
+    sites = tuple(sorted({b.site(layer) for b in first for entry in b.layers.entries for layer in entry} | set(writers)))
     method = get_method(plan.method.name)
     compiled = CompiledPlan(plan, method, info, pairs, _batches(pairs, lengths, bound_by_len, plan.batch_size), sites)
     method.validate(compiled, backend)

@@ -26,8 +26,8 @@ from atpframework.model.sites import Site
 Granularity = Literal["block", "sublayer"]
 Relation = Literal["above", "inside", "reached"]
 
-ATTENTION_SITES = frozenset({"attn_q", "attn_k", "attn_v", "attn_z", "attn_out"})
-MLP_SITES = frozenset({"mlp_post", "mlp_out"})
+ATTENTION_SITES = frozenset({"attn_q", "attn_k", "attn_v", "attn_z", "attn_out", "attn_result", "attn_q_input", "attn_k_input", "attn_v_input"})
+MLP_SITES = frozenset({"mlp_post", "mlp_out", "mlp_in", "mlp_input"})
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ from atpframework.maths.attention import (
 )
 from atpframework.maths.graddrop import DropTerm, drop_terms
 from atpframework.methods.base import AbstractMethod, noise_forward
-from atpframework.model.backend import AbstractBackend
+from atpframework.model.backend import AbstractBackend, ModelInfo
+from atpframework.model.edges import EdgeNode, edge_effects, edge_writer_sites, stack_writers, writer_count
 from atpframework.model.interventions import Intervention
 from atpframework.model.node import BoundNodes
 from atpframework.model.sites import Site
@@ -47,9 +48,10 @@ from atpframework.plans.compiled import Batch, BatchRun, BatchScores, CompiledPl
 from atpframework.plans.plan import MethodConfig
 
 QK_SITES = ("attn_q", "attn_k")
-Mode = Literal["grad", "query", "key", "joint"]
-"""How a node selection is scored when the gradient at its site arrives: ``grad`` (delta . gradient), or the
-QK fix for queries, keys one at a time, and keys patched jointly (``positions: "all"``)."""
+Mode = Literal["grad", "query", "key", "joint", "edge"]
+"""How a node selection is scored when the gradient at its site arrives: ``grad`` (delta . gradient), the
+QK fix for queries, keys one at a time, and keys patched jointly (``positions: "all"``), or ``edge``
+(each upstream writer's delta . the reader input's gradient, ``edges.edge_effects``)."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ class _Layout:
     """Indices of the terms whose restarted backward reaches a gradient site, top term first."""
     above_count: dict[Site, int] = field(default_factory=dict)
     """Gradient site -> number of terms that leave its gradient unchanged."""
+    writers: tuple[Site, ...] = ()
+    """Sites of the writers the edge selections read (their noise - clean outputs are kept per chunk)."""
 
     @property
     def restart_sites(self) -> tuple[Site, ...]:
@@ -130,7 +134,9 @@ class FirstOrder(AbstractMethod[ConfigT]):
         for b in compiled.bound:
             for layer in sorted({layer for entry in b.layers.entries for layer in entry}):
                 site = b.site(layer)
-                if self.qk_fix and site.name in QK_SITES and not site.view:
+                if isinstance(b.node, EdgeNode):
+                    contributors[site].append((b, "edge"))
+                elif self.qk_fix and site.name in QK_SITES and not site.view:
                     mode: Mode = "query" if site.name == "attn_q" else "joint" if _all_positions(b) else "key"
                     contributors[Site("attn_z", layer)].append((b, mode))
                     qk_layers.add(layer)
@@ -148,7 +154,8 @@ class FirstOrder(AbstractMethod[ConfigT]):
         )
         above = {s: sum(t.relation(s) == "above" for t in terms) for s in grad_sites}
         return _Layout(
-            dict(contributors), tuple(sorted(qk_layers)), tuple(sorted(joint_layers)), values, floor, terms, active, above
+            dict(contributors), tuple(sorted(qk_layers)), tuple(sorted(joint_layers)), values, floor, terms, active, above,
+            edge_writer_sites(compiled.bound, compiled.info),
         )
 
     chunks_positions = True
@@ -176,6 +183,7 @@ class FirstOrder(AbstractMethod[ConfigT]):
             b for b in compiled.bound if layout.terms and (any(len(e) > 1 for e in b.layers.entries) or _all_positions(b))
         ]
         accumulators = sum(b.n_nodes for b in compiled.bound) + len(layout.terms) * sum(b.n_nodes for b in per_term)
+        cached += 2 * positions * writer_count(info) * info.d_model if layout.writers else 0  # noise and clean writer outputs
         model_bytes = ELEMENT_BYTES[info.dtype]
         table_bytes = max(model_bytes, 4)  # the QK fix recomputes in float32 at least
         per_pair = (
@@ -194,6 +202,13 @@ class FirstOrder(AbstractMethod[ConfigT]):
         missing = needed - backend.supported_sites
         if missing:
             raise PlanError(f"method.name: {self.name} needs site(s) {sorted(missing)}, which the {backend.name} backend does not serve")
+        if self.qk_fix:
+            for i, b in enumerate(compiled.bound):
+                if isinstance(b.node, EdgeNode) and b.node.reader in ("q", "k"):
+                    raise PlanError(
+                        f"nodes[{i}].kind: {self.name} does not yet recompute attention for edges into queries or keys "
+                        f"({b.node.kind}); use 'atp' or 'atp_graddrop' for these edges"
+                    )
         for layer in layout.qk_layers:
             reason = backend.attention_unsupported(layer)
             if reason:
@@ -334,6 +349,8 @@ class _GradientPass:
         """Noise minus clean activation at the gradient sites scored as ``delta . grad``."""
         self.plain_grads: dict[Site, Tensor] = {}
         """The plain backward's gradient at each GradDrop term's cotangent site."""
+        self.writer_delta: Tensor | None = None
+        """Edges: ``batch chunk writer d_model``, noise minus clean output of every writer the edges read."""
         self.term: int | None = None
         """The GradDrop term whose restarted backward is running (None: the plain backward)."""
         self.fired: set[Site] = set()
@@ -352,6 +369,9 @@ class _GradientPass:
         for site in {layout.terms[t].cotangent for t in layout.active}:
             clean.receive_gradient(site, partial(self._keep_plain_grad, site))
         self.tensors = clean.capture((*layout.value_sites, *layout.restart_sites), keep_graph=True)
+        clean_writers: dict[Site, Tensor] = {}
+        for site in layout.writers:
+            clean.observe(site, partial(_keep_detached, clean_writers, site, self.positions))
         logits = clean.run(run.backend, run.clean_tokens)
         self.leaves = clean.leaves
         metric_clean = run.metric(logits, run.metric_inputs(run.clean_tokens))
@@ -362,6 +382,9 @@ class _GradientPass:
             if any(mode == "grad" for _, mode in entries):
                 self.deltas[site] = self.noise_acts[site] - take_positions(self.tensors[site].detach(), self.positions)
         self.values.update({site: self.tensors[site].detach() for site in self.layout.value_sites})
+        if layout.writers:
+            info, count = run.compiled.info, _writers_in(layout.writers, run.compiled.info)
+            self.writer_delta = stack_writers(info, self.noise_acts, count) - stack_writers(info, clean_writers, count)
         return metric_clean
 
     def plain_backward(self, metric_clean: Tensor) -> list[Tensor]:
@@ -398,7 +421,7 @@ class _GradientPass:
         refer to this object, so it and the graph would otherwise keep each other alive (through the
         autograd graph, where Python's garbage collector cannot see): every pass's activations would
         stay in memory."""
-        self.tensors, self.leaves = {}, []
+        self.tensors, self.leaves, self.writer_delta = {}, [], None
         self.deltas.clear()
         self.values.clear()
         self.plain_grads.clear()
@@ -415,7 +438,11 @@ class _GradientPass:
                     continue
                 effect = self.attention.joint_effect(site.layer, grad)[:, None]  # batch pos=1 kv_head
             else:
-                if mode == "grad":
+                if mode == "edge":
+                    assert self.writer_delta is not None and isinstance(b.node, EdgeNode), "kept by clean_forward"
+                    n_writers = b.node.upstream(self.run.compiled.info, site.layer)
+                    effect = edge_effects(self.writer_delta[:, :, :n_writers], take_positions(grad, positions), b.axes[-1].size)
+                elif mode == "grad":
                     effect = b.node.elementwise_effect(self.deltas[site], take_positions(grad, positions))
                 else:
                     effect = self.attention.effect(mode, site.layer, grad)
@@ -565,6 +592,16 @@ class _AttentionCache:
         """Forget the layers at or above ``layer``."""
         for cached in [l for l in self.layers if l >= layer]:
             del self.layers[cached]
+
+
+def _keep_detached(store: dict[Site, Tensor], site: Site, positions: Tensor | None, act: Tensor) -> None:
+    """Observer: store ``act`` detached (only ``positions``, if given)."""
+    store[site] = take_positions(act.detach(), positions)
+
+
+def _writers_in(sites: tuple[Site, ...], info: ModelInfo) -> int:
+    """How many writers the writer sites ``sites`` hold."""
+    return sum(info.n_heads if s.name == "attn_result" else 1 for s in sites)
 
 
 def _with_positions(clean: Tensor, noise: Tensor, positions: Tensor | None) -> Tensor:

@@ -353,6 +353,12 @@ def bind_nodes(spec: NodeSpec, node: AbstractNode, context: BindingContext) -> B
     special = node.bind(spec, context)
     if special is not None:
         return special
+    return bind_generic(spec, node, context)
+
+
+def bind_generic(spec: NodeSpec, node: AbstractNode, context: BindingContext) -> BoundNodes:
+    """The generic binding of ``bind_nodes`` (layers from ``node.layer_range``, one axis per index axis), for
+    node types whose ``bind`` adjusts it."""
     layer_range = node.layer_range(context.info)
     layers = resolve_axis(spec.layers, "layer", len(layer_range), context.at("layers"), allow_negative=False)
     axes = []
