@@ -19,7 +19,9 @@ from atpframework import AbstractNode, NodeSpec, PlanError, PluginError, plugins
 from atpframework.model.backend import ModelInfo
 
 PLUGIN_DIST = os.path.join(os.path.dirname(__file__), "plugin_dist")
-BUILTIN_KINDS = ["attn_head", "attn_k", "attn_q", "attn_v", "mlp_neuron", "resid", "sae_error", "sae_latent"]
+BUILTIN_KINDS = [
+    "attn_head", "attn_k", "attn_q", "attn_v", "edge_k", "edge_logits", "edge_mlp", "edge_q", "edge_v", "mlp_neuron", "resid", "sae_error", "sae_latent",
+]
 PROMPTS = [
     {"clean": [1, 2, 3, 4, 5, 6], "noise": [1, 9, 3, 4, 11, 6], "answer": 3, "wrong_answer": 4},
     {"clean": [7, 8, 2, 4, 5, 1], "noise": [7, 8, 12, 4, 5, 13], "answer": 6, "wrong_answer": 2},

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from atpframework.io.results import NodeNumbering
 from atpframework.methods.base import AbstractMethod, noise_forward
+from atpframework.model.edges import EdgeNode, edge_patch_delta, edge_writer_sites, stack_writers, upstream_count
 from atpframework.model.interventions import Intervention, Patch
 from atpframework.model.node import BoundNodes
 from atpframework.model.sites import Site
@@ -58,10 +59,18 @@ class ExactPatcher:
         self.n_layers = run.backend.info.n_layers
         self.noise_acts, self.metric_noise = noise_forward(run)
         clean = Intervention()
+        info = run.backend.info
+        writers = edge_writer_sites(self.bound, info)
         self.clean_resid = clean.capture([Site("resid", layer) for layer in range(self.n_layers + 1)] if skip_layers else [])
+        clean.capture(writers)
         with torch.no_grad():
             logits = clean.run(run.backend, run.clean_tokens)
             self.metric_clean = run.metric(logits, run.metric_inputs(run.clean_tokens))
+        count = sum(info.n_heads if s.name == "attn_result" else 1 for s in writers)
+        self.writer_delta = (
+            stack_writers(info, self.noise_acts, count) - stack_writers(info, clean.captured, count) if writers else None
+        )
+        """Edges: ``batch pos writer d_model``, each writer's noise - clean output (an edge patch adds it to its reader's input)."""
         # the lowest model layer each node touches: where a pass patching it can start
         self._start = [self._node_start_layers(b) for b in self.bound]
         self.counts = PatchCounts()
@@ -114,8 +123,13 @@ class ExactPatcher:
     def _patched_metric(self, sets: list[NodeSet], start: int) -> Tensor:
         n_blocks = len(sets)
         patched = Intervention()
-        for (site, _), mask in self._site_masks(sets).items():
-            patched.patch(site, _row_block_patch(self.noise_acts[site], mask))
+        for (site, _, edge), mask in self._site_masks(sets).items():
+            if edge:
+                assert self.writer_delta is not None, "kept for plans with edges"
+                added = edge_patch_delta(mask.to(self.writer_delta.device), self.writer_delta[:, :, : upstream_count(self.run.backend.info, site)])
+                patched.patch(site, _row_block_add(added))
+            else:
+                patched.patch(site, _row_block_patch(self.noise_acts[site], mask))
         tokens = self.run.clean_tokens.repeat(n_blocks, 1)
         backend = self.run.backend
         with torch.no_grad():
@@ -132,10 +146,10 @@ class ExactPatcher:
         )
         return values.view(n_blocks, self.n_batch)
 
-    def _site_masks(self, sets: list[NodeSet]) -> dict[tuple[Site, tuple[int, ...]], Tensor]:
-        """Per site and index grid (node types reading one site may index it differently), ``set *grid``
-        booleans: which entries each row block patches."""
-        masks: dict[tuple[Site, tuple[int, ...]], Tensor] = {}
+    def _site_masks(self, sets: list[NodeSet]) -> dict[tuple[Site, tuple[int, ...], bool], Tensor]:
+        """Per site, index grid (node types reading one site may index it differently) and whether the entries
+        are edges (patched by adding writer deltas), ``set *grid`` booleans: which entries each row block patches."""
+        masks: dict[tuple[Site, tuple[int, ...], bool], Tensor] = {}
         rows_by_selection: dict[int, list[Tensor]] = defaultdict(list)
         flats_by_selection: dict[int, list[Tensor]] = defaultdict(list)
         for row, node_set in enumerate(sets):
@@ -153,7 +167,7 @@ class ExactPatcher:
                 r = rows[pick][:, None].expand(-1, points.shape[1])
                 p = points[pick]
                 for layer in b.layers.entries[entry]:
-                    key = (b.site(layer), cov.grid)
+                    key = (b.site(layer), cov.grid, isinstance(b.node, EdgeNode))
                     if key not in masks:
                         masks[key] = torch.zeros((len(sets), *cov.grid), dtype=torch.bool)
                     masks[key].view(len(sets), -1)[r, p] = True
@@ -169,6 +183,16 @@ def _row_block_patch(noise: Tensor, mask: Tensor) -> Patch:
     def replace(act: Tensor) -> Tensor:
         blocks = act.view(n_sets, n_batch, *act.shape[1:])
         return torch.where(full.to(act.device), noise.to(act.device)[None], blocks).view(act.shape)
+
+    return replace
+
+
+def _row_block_add(added: Tensor) -> Patch:
+    """Rows of block ``r`` get ``added[r]`` added (``added``: ``set batch ...``, the activation's shape per block)."""
+
+    def replace(act: Tensor) -> Tensor:
+        blocks = act.view(added.shape[0], added.shape[1], *act.shape[1:])
+        return (blocks + added.to(act.device, act.dtype)).view(act.shape)
 
     return replace
 
