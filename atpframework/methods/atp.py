@@ -16,6 +16,7 @@ sites and never cached.
 """
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import ClassVar, Literal, TypeVar
@@ -40,7 +41,7 @@ from atpframework.maths.graddrop import DropTerm, drop_terms
 from atpframework.methods.base import AbstractMethod, noise_forward
 from atpframework.model.backend import AbstractBackend, ModelInfo
 from atpframework.model.edges import EdgeNode, edge_effects, edge_writer_sites, stack_writers, writer_count
-from atpframework.model.interventions import Intervention
+from atpframework.model.interventions import Intervention, Patch
 from atpframework.model.node import BoundNodes
 from atpframework.model.sites import Site
 from atpframework.plans.chunking import ELEMENT_BYTES, graph_elements, node_positions, position_chunks, site_width, take_positions
@@ -334,10 +335,15 @@ class _GradientPass:
     """
 
     def __init__(
-        self, run: BatchRun, layout: _Layout, scores: "_Scores", positions: Tensor | None, first: bool, noise_acts: dict[Site, Tensor]
+        self, run: BatchRun, layout: _Layout, scores: "_Scores", positions: Tensor | None, first: bool, noise_acts: dict[Site, Tensor],
+        weight: float = 1.0, reuse: "_GradientPass | None" = None, patches: Mapping[Site, Patch] | None = None,
     ) -> None:
+        """``weight`` scales every score; ``reuse``: take the noise - clean differences from that (clean) pass rather
+        than from this pass's activations; ``patches``: site -> what replaces the activation there in the forward
+        (integrated gradients run their interpolated points this way)."""
         self.run, self.layout, self.scores, self.positions, self.first = run, layout, scores, positions, first
         self.noise_acts = noise_acts
+        self.weight, self.reuse, self.patches = weight, reuse, dict(patches or {})
         self.tensors: dict[Site, Tensor] = {}
         """Clean activations (in the graph) at every site of the pass, filled by ``clean_forward``."""
         self.leaves: list[Tensor] = []
@@ -364,6 +370,8 @@ class _GradientPass:
         # built here and dropped on return: afterwards only the activations' own gradient hooks refer to this
         # object (through the receivers), a cycle that ``release`` breaks once the backward passes are done
         clean = Intervention()
+        for site, replace in self.patches.items():
+            clean.patch(site, replace)
         for site in layout.contributors:
             clean.receive_gradient(site, partial(self._on_grad, site))
         for site in {layout.terms[t].cotangent for t in layout.active}:
@@ -378,6 +386,9 @@ class _GradientPass:
         del logits
         if not metric_clean.requires_grad:
             raise BackendError("the metric does not depend on any hooked activation (no gradient path)")
+        if self.reuse is not None:
+            self.deltas, self.writer_delta = self.reuse.deltas, self.reuse.writer_delta
+            return metric_clean
         for site, entries in self.layout.contributors.items():
             if any(mode == "grad" for _, mode in entries):
                 self.deltas[site] = self.noise_acts[site] - take_positions(self.tensors[site].detach(), self.positions)
@@ -421,6 +432,8 @@ class _GradientPass:
         refer to this object, so it and the graph would otherwise keep each other alive (through the
         autograd graph, where Python's garbage collector cannot see): every pass's activations would
         stay in memory."""
+        if self.reuse is not None:  # the differences belong to the pass they came from
+            self.deltas = {}
         self.tensors, self.leaves, self.writer_delta = {}, [], None
         self.deltas.clear()
         self.values.clear()
@@ -447,6 +460,8 @@ class _GradientPass:
                 else:
                     effect = self.attention.effect(mode, site.layer, grad)
                 effect = _expand_positions(effect, positions, seq_len)
+            if self.weight != 1.0:
+                effect = effect * self.weight
             self.scores.add(b, site, self.term, b.reduce(effect).float().to(self.scores.device))
 
     def _keep_plain_grad(self, site: Site, grad: Tensor) -> None:
