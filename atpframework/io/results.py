@@ -29,6 +29,7 @@ from torch import Tensor
 from atpframework.errors import SchemaError, shorten
 from atpframework.io.files import write_atomically
 from atpframework.io.tables import render_table, text_table
+from atpframework.model.edges import writer_name
 
 if TYPE_CHECKING:  # types only: the analysis layer sits below this one
     from atpframework.analysis.figures import ResultPlots
@@ -118,12 +119,15 @@ class TopNode:
     empty when the node has no single position or the result has no token strings."""
     position: str = ""
     """The node's position as the label shows it (the absolute index when every prompt has the same length)."""
+    writer: str = ""
+    """Edges: the writer's name (``L3H1``, ``L3 MLP``, ``embed``), shown as ``L3H1 -> ...`` before the reader."""
 
     def label(self) -> str:
-        """``attn_head L23 H3 @ " to" (pos 13)``; ``P13`` in place of the token when the result has no token strings."""
-        parts = []
+        """``attn_head L23 H3 @ " to" (pos 13)``; ``P13`` in place of the token when the result has no token strings.
+        Edges: ``edge_q L3H1 -> L5 H2 @ " to" (pos 13)``."""
+        parts = [f"{self.writer} ->"] if self.writer else []
         for dim, value in self.coords.items():
-            if dim == "pos" and self.token:
+            if (dim == "pos" and self.token) or (dim == "writer" and self.writer):
                 continue
             short = {"layer": "L", "head": "H", "pos": "P", "neuron": "N"}.get(dim, dim)
             parts.append(f"{short}{value}" if value != "all" else f"{short}*")
@@ -326,7 +330,10 @@ class AttributionResult:
         coords = torch.unravel_index(torch.tensor(flat), tuple(ns.per_pair.shape[1:]))
         named = {dim: _label(ns.index[dim], int(c)) for dim, c in zip(ns.dims[1:], coords)}
         token, position = self.position_text(named["pos"]) if "pos" in named else ("", "")
-        return TopNode(ns.name, ns.kind, named, score, signed_mean, estimate, token, position)
+        writer = ""
+        if "writer" in named and named["writer"] != "all" and "n_heads" in self.model:
+            writer = writer_name(int(named["writer"]), int(self.model["n_heads"]), self.model.get("d_mlp") is not None)
+        return TopNode(ns.name, ns.kind, named, score, signed_mean, estimate, token, position, writer)
 
     def node_label(self, node: int) -> str:
         """The label of global node ``node`` (``numbering``), as ``top_k`` prints it."""

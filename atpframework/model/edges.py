@@ -81,14 +81,17 @@ def stack_writers(info: ModelInfo, acts: Mapping[Site, Tensor], count: int) -> T
     return torch.cat(parts, dim=2)[:, :, :count]
 
 
+def writer_name(index: int, n_heads: int, has_mlp: bool) -> str:
+    """The short name of writer ``index``: ``embed``, ``L3H1``, ``L3 MLP``."""
+    if index == 0:
+        return "embed"
+    layer, slot = divmod(index - 1, n_heads + has_mlp)
+    return f"L{layer}H{slot}" if slot < n_heads else f"L{layer} MLP"
+
+
 def writer_labels(info: ModelInfo) -> list[str]:
-    """A short name per writer: ``embed``, ``L3H1``, ``L3 MLP``."""
-    labels = ["embed"]
-    for layer in range(info.n_layers):
-        labels += [f"L{layer}H{h}" for h in range(info.n_heads)]
-        if info.d_mlp is not None:
-            labels.append(f"L{layer} MLP")
-    return labels
+    """``writer_name`` of every writer, in writer order."""
+    return [writer_name(i, info.n_heads, info.d_mlp is not None) for i in range(writer_count(info))]
 
 
 def edge_effects(writer_delta: Tensor, grad: Tensor, n_writers: int) -> Tensor:
