@@ -358,6 +358,39 @@ class TransformerLensBackend(AbstractBackend):
             visible = visible & (key_pos > query_pos - window)
         return logits.masked_fill(~visible, float("-inf"))
 
+    def reader_projection_unsupported(self, layer: int) -> str | None:
+        if "attn_q_input" not in self.supported_sites:
+            return "this model has no per-head input sites"
+        cfg = self.model.cfg
+        reasons = {
+            "query/key normalization": getattr(cfg, "use_qk_norm", False),
+            "query/key clipping": getattr(cfg, "clip_qkv", None) is not None,
+            "shortformer positional embeddings": cfg.positional_embedding_type == "shortformer",
+            "dynamic NTK rotary scaling": getattr(cfg, "use_dynamic_ntk_rope", False),
+        }
+        found = [reason for reason, present in reasons.items() if present]
+        return f"recomputing queries and keys from their inputs does not support {', '.join(found)}" if found else None
+
+    def reader_projection(self, layer: int, reader: str, x: Tensor) -> Tensor:
+        from transformer_lens.utilities.attention import complex_attn_linear
+
+        reason = self.reader_projection_unsupported(layer)
+        if reason:
+            raise BackendError(reason)
+        block = self.model.blocks[layer]
+        attn = block.attn
+        grouped = hasattr(attn, "_W_K") and not getattr(self.model.cfg, "ungroup_grouped_query_attention", False)
+        if reader == "q":
+            weight, bias = attn.W_Q, attn.b_Q
+        elif reader == "k":
+            weight, bias = (attn._W_K, attn._b_K) if grouped else (attn.W_K, attn.b_K)
+        else:
+            raise ValueError(f"reader must be 'q' or 'k', got {reader!r}")
+        out = complex_attn_linear(block.ln1(x), weight, bias)
+        if self.model.cfg.positional_embedding_type == "rotary":
+            out = attn.apply_rotary(out, 0, None)
+        return out
+
     def _bridge_attention_logits(self, layer: int, q: Tensor, k: Tensor) -> Tensor:
         """Logits as the bridge's own attention reconstruction computes them (GPT-2, Llama)."""
         hf_attention: Any = self.model.blocks[layer].attn.original_component

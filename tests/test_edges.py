@@ -283,3 +283,80 @@ def test_edge_selections_by_layer_head_writer_and_position():
         ref_all = _metric(model.run_with_hooks(clean, fwd_hooks=[("blocks.1.hook_mlp_in", shift)]), PROMPTS[0]) - _metric(model(clean), PROMPTS[0])
     assert abs(result["mlp_summed"].per_pair[0, 1, 0, 2].item() - ref_all.item()) < 1e-5
     assert writer_labels(info)[:7] == ["embed", "L0H0", "L0H1", "L0H2", "L0H3", "L0 MLP", "L1H0"]
+
+
+def reference_qk_fix(model, pair, graddrop: bool, entries) -> list[float]:
+    """QK fix for edges into queries and keys by real forwards, at ``entries`` ``(kind, layer, pos, head, writer)``
+    (``pos`` None: keys shifted at every position at once): the pattern ``A'`` with the reader's input shifted by
+    the writer's delta, dotted with ``dMetric/dA`` at the clean run (per GradDrop term: that write detached)."""
+    delta = _deltas(model, pair)
+    clean = torch.tensor([pair["clean"]])
+    n = model.cfg.n_layers
+    patterns = [f"blocks.{l}.attn.hook_pattern" for l in range(n)]
+    with _Flags(model), torch.no_grad():
+        _, clean_cache = model.run_with_cache(clean)
+    terms = [[]]
+    if graddrop:
+        terms = [[f"blocks.{l}.hook_attn_out"] + ([] if model.cfg.attn_only else [f"blocks.{l}.hook_mlp_out"]) for l in range(n)]
+    grads = []
+    for detached in terms:
+        captured = {}
+
+        def keep(x, hook):
+            captured[hook.name] = x
+            return x
+
+        with _Flags(model):
+            logits = model.run_with_hooks(clean, fwd_hooks=[(w, lambda x, hook: x.detach()) for w in detached] + [(p, keep) for p in patterns])
+        gs = torch.autograd.grad(_metric(logits, pair).sum(), [captured[p] for p in patterns], allow_unused=True)
+        grads.append([torch.zeros_like(captured[p]) if g is None else g for p, g in zip(patterns, gs)])
+    out = []
+    for kind, layer, pos, head, writer in entries:
+        def shift(x, hook, head=head, pos=pos, writer=writer):
+            x = x.clone()
+            if pos is None:
+                x[0, :, head] += delta[:, writer]
+            else:
+                x[0, pos, head] += delta[pos, writer]
+            return x
+
+        seen = {}
+        with _Flags(model), torch.no_grad():
+            model.run_with_hooks(clean, fwd_hooks=[(_reader_hook(model, kind, layer), shift), (patterns[layer], lambda x, hook: seen.setdefault("a", x))])
+        per_term = [((seen["a"] - clean_cache[patterns[layer]]) * g[layer]).sum().item() for g in grads]
+        out.append(sum(abs(e) for e in per_term) / (len(terms) - 1) if graddrop else per_term[0])
+    return out
+
+
+@pytest.mark.parametrize("arch", ["ln_gelu_learned", "rms_rotary_gqa_gated", "parallel_rotary"])
+@pytest.mark.parametrize("method", ["atp_qkfix", "atp_star"])
+def test_edge_qk_fix_equals_brute_force(arch, method):
+    """A random sample of edges into queries and keys (one position, and every position at once)."""
+    model = tiny_model(**ARCHS[arch])
+    nodes = [{"kind": "edge_q"}, {"kind": "edge_k"}, {"kind": "edge_k", "name": "keys_joint", "positions": "all"}]
+    result = af.run(make_plan(nodes, method, prompts=PROMPTS), model=model, progress=False)
+    rng = random.Random(1)
+    samples = []  # (selection, index into per_pair[0], reference entry)
+    for name, kind in (("edge_q", "edge_q"), ("edge_k", "edge_k"), ("keys_joint", "edge_k")):
+        shape = result[name].per_pair.shape[1:]  # layer pos head writer
+        for _ in range(8):
+            layer, pos, head = rng.randrange(shape[0]), rng.randrange(shape[1]), rng.randrange(shape[2])
+            writer = rng.randrange(_upstream(model, kind, layer))
+            samples.append((name, (layer, pos, head, writer), (kind, layer, None if name == "keys_joint" else pos, head, writer)))
+    ref = torch.tensor(reference_qk_fix(model, PROMPTS[0], method == "atp_star", [s[2] for s in samples]))
+    ours = torch.tensor([result[name].per_pair[(0, *index)].item() for name, index, _ in samples])
+    _assert_close(ours, ref, f"{arch} {method}")
+    if method == "atp_qkfix":  # the fix changes the estimate: AtP differs from it
+        atp = af.run(make_plan(nodes, "atp", prompts=PROMPTS), model=model, progress=False)
+        assert (atp["edge_q"].per_pair - result["edge_q"].per_pair).abs().max() > 1e-3
+
+
+def test_edge_qk_fix_is_exact_on_one_attention_layer():
+    """One attention-only layer without normalization: after the pattern, everything is linear, so the QK fix
+    on edges into queries and keys equals exact edge patching."""
+    model = tiny_model(n_layers=1, attn_only=True, d_mlp=None, normalization_type=None)
+    nodes = [{"kind": "edge_q"}, {"kind": "edge_k"}, {"kind": "edge_k", "name": "keys_joint", "positions": "all"}]
+    fixed = af.run(make_plan(nodes, "atp_qkfix", prompts=PROMPTS), model=model, progress=False)
+    exact = af.run(make_plan(nodes, "activation_patching", prompts=PROMPTS), model=model, progress=False)
+    for name in ("edge_q", "edge_k", "keys_joint"):
+        _assert_close(fixed[name].per_pair, exact[name].per_pair, name)

@@ -22,6 +22,7 @@ from functools import partial
 from typing import ClassVar, Literal, TypeVar
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from atpframework.errors import BackendError, PlanError
@@ -49,10 +50,15 @@ from atpframework.plans.compiled import Batch, BatchRun, BatchScores, CompiledPl
 from atpframework.plans.plan import MethodConfig
 
 QK_SITES = ("attn_q", "attn_k")
-Mode = Literal["grad", "query", "key", "joint", "edge"]
+WRITER_BLOCK = 32
+"""Edges under the QK fix: writers whose recomputed queries (keys) share one batched attention recomputation."""
+Mode = Literal["grad", "query", "key", "joint", "edge", "edge_query", "edge_key", "edge_joint"]
 """How a node selection is scored when the gradient at its site arrives: ``grad`` (delta . gradient), the
-QK fix for queries, keys one at a time, and keys patched jointly (``positions: "all"``), or ``edge``
-(each upstream writer's delta . the reader input's gradient, ``edges.edge_effects``)."""
+QK fix for queries, keys one at a time, and keys patched jointly (``positions: "all"``), ``edge`` (each
+upstream writer's delta . the reader input's gradient, ``edges.edge_effects``), or the QK fix for edges
+into queries, keys, and keys at every position at once (each writer's delta added to the reader's clean
+input, its query or key recomputed, the softmax exact: ``_AttentionCache.edge_effect``)."""
+EDGE_QK_MODES = {"q": "edge_query", "k": "edge_key"}
 
 
 @dataclass(frozen=True)
@@ -132,10 +138,16 @@ class FirstOrder(AbstractMethod[ConfigT]):
         contributors: dict[Site, list[tuple[BoundNodes, Mode]]] = defaultdict(list)
         qk_layers: set[int] = set()
         joint_layers: set[int] = set()
+        edge_inputs: set[Site] = set()
         for b in compiled.bound:
             for layer in sorted({layer for entry in b.layers.entries for layer in entry}):
                 site = b.site(layer)
-                if isinstance(b.node, EdgeNode):
+                if isinstance(b.node, EdgeNode) and self.qk_fix and b.node.reader in EDGE_QK_MODES:
+                    mode = "edge_joint" if b.node.reader == "k" and _all_positions(b) else EDGE_QK_MODES[b.node.reader]
+                    contributors[Site("attn_z", layer)].append((b, mode))
+                    qk_layers.add(layer)
+                    edge_inputs.add(site)
+                elif isinstance(b.node, EdgeNode):
                     contributors[site].append((b, "edge"))
                 elif self.qk_fix and site.name in QK_SITES and not site.view:
                     mode: Mode = "query" if site.name == "attn_q" else "joint" if _all_positions(b) else "key"
@@ -148,7 +160,7 @@ class FirstOrder(AbstractMethod[ConfigT]):
         grad_sites = sorted(contributors)
         low = min(s.layer for s in grad_sites)
         floor = tuple(s for s in grad_sites if s.layer == low)
-        values = tuple(Site(name, layer) for layer in sorted(qk_layers) for name in ("attn_q", "attn_k", "attn_v"))
+        values = tuple(Site(name, layer) for layer in sorted(qk_layers) for name in ("attn_q", "attn_k", "attn_v")) + tuple(sorted(edge_inputs))
         terms = tuple(drop_terms(compiled.info, self.granularity(compiled))) if self.graddrop else ()
         active = tuple(
             i for i in reversed(range(len(terms))) if any(terms[i].relation(s) == "reached" for s in grad_sites)
@@ -203,12 +215,13 @@ class FirstOrder(AbstractMethod[ConfigT]):
         missing = needed - backend.supported_sites
         if missing:
             raise PlanError(f"method.name: {self.name} needs site(s) {sorted(missing)}, which the {backend.name} backend does not serve")
-        if self.qk_fix:
-            for i, b in enumerate(compiled.bound):
-                if isinstance(b.node, EdgeNode) and b.node.reader in ("q", "k"):
+        for site, entries in layout.contributors.items():
+            if any(mode in ("edge_query", "edge_key", "edge_joint") for _, mode in entries):
+                reason = backend.reader_projection_unsupported(site.layer)
+                if reason:
                     raise PlanError(
-                        f"nodes[{i}].kind: {self.name} does not yet recompute attention for edges into queries or keys "
-                        f"({b.node.kind}); use 'atp' or 'atp_graddrop' for these edges"
+                        f"method.name: {self.name} recomputes the queries and keys of edges into layer {site.layer}, which is "
+                        f"not supported here: {reason}. Use 'atp' or 'atp_graddrop' for these edges."
                     )
         for layer in layout.qk_layers:
             reason = backend.attention_unsupported(layer)
@@ -245,6 +258,9 @@ class FirstOrder(AbstractMethod[ConfigT]):
     @staticmethod
     def _chunks(layout: _Layout, batch: Batch, per_chunk: int | None) -> list[Tensor | None]:
         """The position chunks ``batch`` runs; keys patched jointly are scored whole and add no positions."""
+        modes = {mode for entries in layout.contributors.values() for _, mode in entries}
+        if "edge_joint" in modes:  # an edge into keys at every position needs every writer's delta at once
+            return [None]
         joint = {b.name for entries in layout.contributors.values() for b, mode in entries if mode == "joint"}
         positions = node_positions(tuple(b for b in batch.bound if b.name not in joint))
         return position_chunks(positions, batch.seq_len, per_chunk)
@@ -451,10 +467,18 @@ class _GradientPass:
                     continue
                 effect = self.attention.joint_effect(site.layer, grad)[:, None]  # batch pos=1 kv_head
             else:
-                if mode == "edge":
+                if mode.startswith("edge"):
                     assert self.writer_delta is not None and isinstance(b.node, EdgeNode), "kept by clean_forward"
                     n_writers = b.node.upstream(self.run.compiled.info, site.layer)
-                    effect = edge_effects(self.writer_delta[:, :, :n_writers], take_positions(grad, positions), b.axes[-1].size)
+                    delta = self.writer_delta[:, :, :n_writers]
+                    if mode == "edge":
+                        effect = edge_effects(delta, take_positions(grad, positions), b.axes[-1].size)
+                    else:
+                        clean_input = self.values[Site(b.node.site, site.layer)]
+                        effect = self.attention.edge_effect(mode, site.layer, grad, delta, clean_input, b.axes[-1].size)
+                        if mode == "edge_joint":
+                            self.scores.add(b, site, self.term, b.reduce(effect * self.weight).float().to(self.scores.device))
+                            continue
                 elif mode == "grad":
                     effect = b.node.elementwise_effect(self.deltas[site], take_positions(grad, positions))
                 else:
@@ -596,6 +620,52 @@ class _AttentionCache:
             return (tables.query_dz * take_positions(dz, self.positions)).sum(-1)
         assert tables.key_patch is not None, "prepared for every layer with key nodes"
         return key_effects(tables.key_patch, dz)
+
+    def edge_effect(self, mode: Mode, layer: int, dz: Tensor, writer_delta: Tensor, clean_input: Tensor, n_writers: int) -> Tensor:
+        """QK fix for edges into the queries or keys of ``layer``: each writer's delta added to the reader's clean
+        input, its query (key) recomputed by the backend, the attention softmax recomputed exactly.
+
+        Args:
+            dz: ``batch query head d_head``, the gradient at ``z``.
+            writer_delta: ``batch chunk writer d_model`` (every position for ``edge_joint``).
+            clean_input: ``batch pos head d_model``, the reader's clean input (every position).
+        Returns:
+            ``batch chunk head writer`` (``batch 1 kv_head writer`` for ``edge_joint``), writers past the delta's padded with 0.
+        """
+        backend, positions = self.run.backend, self.positions
+        reader = "q" if mode == "edge_query" else "k"
+        q, k, v = (_upcast(self.values[Site(name, layer)]) for name in ("attn_q", "attn_k", "attn_v"))
+        n_batch, n_up = writer_delta.shape[0], writer_delta.shape[2]
+        dz = _upcast(dz)
+        parts = []
+        with torch.no_grad():
+            for lo in range(0, n_up, WRITER_BLOCK):
+                block = writer_delta[:, :, lo : lo + WRITER_BLOCK]
+                n = block.shape[2]
+
+                def repeat(x: Tensor, n: int = n) -> Tensor:
+                    return x.repeat_interleave(n, dim=0)
+
+                shift = rearrange(block, "batch chunk writer d -> (batch writer) chunk 1 d")
+                shifted = repeat(clean_input).clone()
+                if positions is None:
+                    shifted += shift.to(shifted.dtype)
+                else:
+                    shifted[:, positions.to(shifted.device)] += shift.to(shifted.dtype)
+                moved = _upcast(backend.reader_projection(layer, reader, shifted))
+                clean = clean_attention(backend.attention_logits(layer, repeat(q), repeat(k)), repeat(v))
+                if mode == "edge_query":
+                    logits = backend.attention_logits(layer, _with_positions(repeat(q), take_positions(moved, positions), positions), repeat(k))
+                    dzq = query_delta_z(clean, take_positions(logits, positions, dim=2), positions)
+                    effect = (dzq * take_positions(repeat(dz), positions)).sum(-1)  # (batch writer) chunk head
+                elif mode == "edge_key":
+                    logits = backend.attention_logits(layer, repeat(q), _with_positions(repeat(k), take_positions(moved, positions), positions))
+                    effect = key_effects(key_patch(clean, logits, positions), repeat(dz))  # (batch writer) chunk kv_head
+                else:
+                    joint = joint_key_delta_z(clean, backend.attention_logits(layer, repeat(q), moved))
+                    effect = joint_key_effects(joint, repeat(dz), clean.group)[:, None]  # (batch writer) 1 kv_head
+                parts.append(rearrange(effect, "(batch writer) chunk head -> batch chunk head writer", batch=n_batch))
+        return torch.nn.functional.pad(torch.cat(parts, dim=-1), (0, n_writers - n_up))
 
     def joint_effect(self, layer: int, dz: Tensor) -> Tensor:
         """``batch kv_head``: effect of patching every key of each key/value head at once."""

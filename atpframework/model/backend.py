@@ -123,6 +123,24 @@ class AbstractBackend(ABC):
         """
         raise NotImplementedError(self.attention_unsupported(layer))
 
+    def reader_projection_unsupported(self, layer: int) -> str | None:
+        """Why ``reader_projection`` cannot reproduce this layer's queries and keys from their inputs, or None if it can.
+
+        The QK fix for edges into queries and keys calls this at plan compile time."""
+        return f"the {self.name} backend does not recompute queries and keys from their inputs"
+
+    def reader_projection(self, layer: int, reader: str, x: Tensor) -> Tensor:
+        """The layer's queries (``reader="q"``) or keys (``"k"``) computed from per-head inputs, as the model does.
+
+        Args:
+            x: ``batch pos head d_model``, each head's input before normalization (as the ``attn_q_input`` /
+                ``attn_k_input`` sites; key/value heads for keys).
+        Returns:
+            ``batch pos head d_head``, equal to the ``attn_q`` / ``attn_k`` sites (after any rotary embedding) when
+            ``x`` is the clean input.
+        """
+        raise NotImplementedError(self.reader_projection_unsupported(layer))
+
     @classmethod
     def resolve_node_kinds(cls, nodes: Any) -> Any:
         """A plan's ``nodes`` (as parsed JSON, before validation) with node kinds written in this backend's
