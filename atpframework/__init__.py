@@ -19,6 +19,7 @@ from atpframework.io.results import load_result as load_result
 from atpframework.methods.base import AbstractMethod as AbstractMethod
 from atpframework.model.backend import AbstractBackend as AbstractBackend
 from atpframework.model.backend import ModelInfo as ModelInfo
+from atpframework.model.edges import edge_selections as edge_selections
 from atpframework.model.interventions import Intervention as Intervention
 from atpframework.model.node import AbstractNode as AbstractNode
 from atpframework.model.node import NodeSpec as NodeSpec
@@ -39,6 +40,6 @@ from atpframework.version import __version__ as __version__
 __all__ = [
     "AbstractBackend", "AbstractMethod", "AbstractNode", "AtpfError", "AttributionPlan", "AttributionResult", "BackendError",
     "BatchRun", "BatchScores", "CompiledPlan", "Intervention", "PassStep", "MethodConfig", "MetricInputs", "ModelInfo", "NodeSpec", "PlanError", "PluginError", "SchemaError",
-    "Selection", "Session", "Site", "as_plan", "compile", "load_backend", "load_plan", "load_result", "parse_plan",
+    "Selection", "Session", "Site", "as_plan", "compile", "edge_selections", "load_backend", "load_plan", "load_result", "parse_plan",
     "plan_json_schema", "run",
 ]

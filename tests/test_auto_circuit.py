@@ -66,7 +66,7 @@ from auto_circuit.prune_algos.edge_attribution_patching import edge_attribution_
 from auto_circuit.prune_algos.mask_gradient import mask_gradient_prune_scores  # noqa: E402
 from auto_circuit.types import PatchType  # noqa: E402
 from auto_circuit.utils.ablation_activations import src_ablations  # noqa: E402
-from auto_circuit.utils.graph_utils import patch_mode, patchable_model  # noqa: E402
+from auto_circuit.utils.graph_utils import patch_mode, patchable_model, set_all_masks  # noqa: E402
 from auto_circuit.utils.tensor_ops import batch_answer_diffs  # noqa: E402
 
 import atpframework as af  # noqa: E402
@@ -181,9 +181,14 @@ def _exact_scores(pm, pair):
     scores = pm.new_prune_scores()
     with torch.inference_mode():
         base = batch_answer_diffs(pm(clean)[pm.out_slice], batch).item()
-        for edge in pm.edges:
-            with patch_mode(pm, patch_outs, edges=[edge]):
-                scores[edge.dest.module_name][edge.patch_idx] = batch_answer_diffs(pm(clean)[pm.out_slice], batch).item() - base
+        set_all_masks(pm, 0.0)
+        with patch_mode(pm, patch_outs):
+            # what ``patch_mode(pm, patch_outs, edges=[edge])`` does, without its scan over every edge per call
+            for edge in pm.edges:
+                edge.patch_mask(pm).data[edge.patch_idx] = 1.0
+                effect = batch_answer_diffs(pm(clean)[pm.out_slice], batch).item() - base
+                edge.patch_mask(pm).data[edge.patch_idx] = 0.0
+                scores[edge.dest.module_name][edge.patch_idx] = effect
     return scores
 
 

@@ -360,3 +360,21 @@ def test_edge_qk_fix_is_exact_on_one_attention_layer():
     exact = af.run(make_plan(nodes, "activation_patching", prompts=PROMPTS), model=model, progress=False)
     for name in ("edge_q", "edge_k", "keys_joint"):
         _assert_close(fixed[name].per_pair, exact[name].per_pair, name)
+
+
+def test_keep_top_stores_the_largest_edges_and_the_dry_run_counts_real_edges():
+    model = tiny_model()
+    dense = af.run(make_plan([{"kind": "edge_q"}], "atp", prompts=PROMPTS), model=model, progress=False)
+    sparse = af.run(make_plan([{"kind": "edge_q", "keep_top": 5}], "atp", prompts=PROMPTS), model=model, progress=False)
+    for p in range(len(PROMPTS)):
+        values = dense["edge_q"].per_pair[p].flatten()
+        top = values.abs().topk(5).indices
+        kept = sparse["edge_q"].per_pair[p].to_dense().flatten()
+        assert set(kept.nonzero().flatten().tolist()) == set(top.tolist())
+        torch.testing.assert_close(kept[top], values[top])
+    text = af.compile(make_plan(af.edge_selections(), "atp_star", prompts=PROMPTS), model=model).explain()
+    # 2 layers x 4 heads: q/k/v readers of block 0 see 1 writer, of block 1 see 6; MLPs 5 and 10; logits 11
+    assert "edge_q (edge_q on site attn_q_input): 88 nodes, 28 of them real edges" in text
+    assert "edge_mlp (edge_mlp on site mlp_input): 22 nodes, 15 of them real edges" in text
+    assert "edge_logits (edge_logits on site resid): 11 nodes, 11 of them real edges" in text
+    assert "edge_scores" in text

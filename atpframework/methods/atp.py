@@ -279,6 +279,14 @@ class FirstOrder(AbstractMethod[ConfigT]):
                 f"d(sum of per-pair metric)/d(site) down to layer {layout.floor[0].layer}, scored on arrival",
             ),
         ]
+        if layout.writers:
+            steps.append(
+                PassStep(
+                    "edge_scores", "attention", 1, "clean prompts", layout.writers,
+                    "no pass: at each reader input, its gradient dotted with the noise - clean output of every upstream "
+                    "writer (one writer x d_model product per reader and position)",
+                )
+            )
         if layout.qk_layers:
             steps.append(
                 PassStep(

@@ -24,7 +24,7 @@ score is 0 and patching it changes nothing.
 """
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from einops import einsum
@@ -164,3 +164,23 @@ def edge_writer_sites(bound: Sequence[BoundNodes], info: ModelInfo) -> tuple[Sit
         default=0,
     )
     return writer_sites(info, count) if count else ()
+
+
+def real_edge_count(b: BoundNodes, info: ModelInfo) -> int:
+    """How many nodes of an edge selection are edges that exist (writer upstream of reader); the rest score 0."""
+    assert isinstance(b.node, EdgeNode)
+    writers = b.axes[-1]
+    others = b.n_nodes // (len(b.layers.entries) * len(writers.entries))
+    count = 0
+    for entry in b.layers.entries:
+        upstream = max(b.node.upstream(info, layer) for layer in entry)
+        count += sum(1 for covered in writers.entries if min(covered) < upstream)
+    return count * others
+
+
+def edge_selections(positions: Selection = "all", keep_top: int | None = None) -> list[dict[str, Any]]:
+    """Plan ``nodes`` covering every edge of a model: one selection per reader kind (queries, keys, values, MLPs,
+    logits), per position or summed over positions (``"all"``, the default: a circuit over components).
+    Drop ``edge_mlp`` for attention-only models."""
+    extra: dict[str, Any] = {"positions": positions} | ({"keep_top": keep_top} if keep_top is not None else {})
+    return [{"kind": kind, **extra} for kind in ("edge_q", "edge_k", "edge_v", "edge_mlp", "edge_logits")]

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from atpframework.model.backend import AbstractBackend, ModelInfo
+from atpframework.model.edges import EdgeNode, real_edge_count
 from atpframework.model.node import BoundNodes
 from atpframework.model.sites import Site
 from atpframework.plans.chunking import Chunking
@@ -109,7 +110,8 @@ class CompiledPlan:
         for b in self.bound:
             shape = " x ".join(f"{d}={n}" for d, n in zip(b.dims, b.shape))
             view = f" <{b.view}>" if b.view else ""
-            lines.append(f"  {b.name} ({b.node.kind} on site {b.site_name or b.node.site}{view}): {b.n_nodes} nodes [{shape}]")
+            real = f", {real_edge_count(b, info)} of them real edges" if isinstance(b.node, EdgeNode) else ""
+            lines.append(f"  {b.name} ({b.node.kind} on site {b.site_name or b.node.site}{view}): {b.n_nodes} nodes{real} [{shape}]")
         by_name: dict[str, list[int]] = {}
         for site in self.sites:
             by_name.setdefault(site.name, []).append(site.layer)
