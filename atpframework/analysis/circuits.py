@@ -181,13 +181,11 @@ class ResultEdges:
         """``keep`` (``set node`` booleans) on the grids: reader kind -> ``set layer pos head writer`` booleans, the
         existing edges some kept node covers (every kind of the model; all False where none is kept)."""
         n_sets = keep.shape[0]
-        out = {kind: torch.zeros(n_sets, *self.grid_shape(kind, seq_len), dtype=torch.bool) for kind in self.kinds}
+        counts = {kind: torch.zeros(n_sets, *self.grid_shape(kind, seq_len)) for kind in self.kinds}
         for sel in self.selections:
             values = keep[:, sel.offset : sel.offset + sel.n_nodes].reshape(n_sets, *sel.shape)
-            out[sel.reader] |= _to_grid(sel, values, self.grid_shape(sel.reader, seq_len))
-        for kind in self.kinds:
-            out[kind] &= self.exists[kind][None, :, None, None, :]
-        return out
+            counts[sel.reader] += _to_grid(sel, values, self.grid_shape(sel.reader, seq_len))
+        return {kind: (counts[kind] > 0) & self.exists[kind][None, :, None, None, :] for kind in self.kinds}
 
     def patch_grids(self, keep: Tensor, seq_len: int, unscored: Unscored) -> dict[str, Tensor]:
         """Reader kind -> ``set layer pos head writer``: the existing edges each circuit of ``keep`` patches."""
@@ -223,48 +221,76 @@ class ResultEdges:
     def greedy(self, n: int) -> Tensor:
         """Global indices of the greedy circuit of at least ``n`` edges, best-ranked first (every edge on a path
         when fewer lie on one): the pruned smallest prefix of the ranking that keeps ``n``."""
+        return self.greedy_many([n])[0]
+
+    def greedy_many(self, sizes: Sequence[int]) -> list[Tensor]:
+        """``greedy`` of each of ``sizes``; the prefix found for one size bounds the search for larger ones."""
+        out: dict[int, Tensor] = {}
+        lo = 0
+        for n in sorted(set(sizes)):
+            lo, kept = self._greedy_prefix(n, lo)
+            out[n] = self._in_rank_order(kept)
+        return [out[n] for n in sizes]
+
+    def _greedy_prefix(self, n: int, lo: int) -> tuple[int, Tensor]:
+        """The smallest prefix length ``k >= lo`` of the ranking whose pruned set keeps ``n`` edges (``n_edges`` if
+        none does) and that set. Every prefix shorter than ``lo`` must keep fewer than ``n``; pruning a superset
+        keeps a superset, so the kept count grows with ``k``: an exponential search, then bisection."""
+        total = self.n_edges
+
         def pruned(k: int) -> Tensor:
             return self.prune(self.mask(self.ranking[:k]))
 
-        best = pruned(self.n_edges)
-        lo, hi = min(n, self.n_edges), self.n_edges
-        if int(best.sum()) >= n:
-            while lo < hi:  # pruned(hi) keeps >= n edges (pruning a superset keeps a superset)
-                mid = (lo + hi) // 2
-                candidate = pruned(mid)
-                if int(candidate.sum()) >= n:
-                    hi, best = mid, candidate
-                else:
-                    lo = mid + 1
-        return self._in_rank_order(best)
+        lo = min(max(lo, n), total)  # a prefix of k edges keeps at most k
+        best = pruned(lo)
+        if int(best.sum()) >= n or lo == total:
+            return lo, best
+        short, step = lo, max(1, lo)  # pruned(short) keeps fewer than n
+        while True:
+            hi = min(total, short + step)
+            best = pruned(hi)
+            if int(best.sum()) >= n or hi == total:
+                break
+            short, step = hi, 2 * step
+        if int(best.sum()) < n:
+            return total, best
+        while hi - short > 1:
+            mid = (short + hi) // 2
+            candidate = pruned(mid)
+            if int(candidate.sum()) >= n:
+                hi, best = mid, candidate
+            else:
+                short = mid
+        return hi, best
 
     def _in_rank_order(self, keep: Tensor) -> Tensor:
         return self.ranking[keep[self.ranking]]
 
 
 def _to_grid(sel: _EdgeSelection, values: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
-    """``set *sel.shape`` booleans -> ``set layer pos head writer`` booleans (OR over the nodes covering a point)."""
+    """``set *sel.shape`` booleans -> ``set layer pos head writer`` float counts of the nodes covering each point (>0: covered)."""
     n_sets = values.shape[0]
-    out = values.reshape(n_sets, *sel.shape[:2], sel.shape[2] if len(sel.shape) == 4 else 1, sel.shape[-1]).to(torch.int32)
+    out = values.reshape(n_sets, *sel.shape[:2], sel.shape[2] if len(sel.shape) == 4 else 1, sel.shape[-1]).to(torch.float32)
     for dim, (labels, size) in enumerate(zip(sel.grid_labels(shape[1]), shape), start=1):
         if labels == "all":
             out = out.expand(*out.shape[:dim], size, *out.shape[dim + 1:])
         else:
-            full = torch.zeros(*out.shape[:dim], size, *out.shape[dim + 1:], dtype=torch.int32)
+            full = torch.zeros(*out.shape[:dim], size, *out.shape[dim + 1:])
             out = full.index_add_(dim, torch.tensor(labels, dtype=torch.long), out)
-    return out > 0
+    return out
 
 
 def _from_grid(sel: _EdgeSelection, grid: Tensor, seq_len: int) -> Tensor:
-    """``set layer pos head writer`` booleans (broadcastable) -> ``set node``: some point the node covers is set."""
-    out = grid
+    """``set layer pos head writer`` booleans (broadcastable) -> ``set node``: some point the node covers is set.
+    (Reductions run on floats: torch's boolean ``any`` along an axis is far slower.)"""
+    out = grid.to(torch.float32)
     for dim, labels in enumerate(sel.grid_labels(seq_len), start=1):
         if labels == "all":
-            out = out.any(dim=dim, keepdim=True)
+            out = out.sum(dim=dim, keepdim=True)
         else:
             index = torch.tensor(labels, dtype=torch.long)
             out = out.index_select(dim, index) if out.shape[dim] > 1 else out.expand(*out.shape[:dim], len(labels), *out.shape[dim + 1:])
-    return out.expand(out.shape[0], *sel.shape[:2], -1, sel.shape[-1]).reshape(out.shape[0], -1)
+    return out.expand(out.shape[0], *sel.shape[:2], -1, sel.shape[-1]).reshape(out.shape[0], -1) > 0
 
 
 def _on_path(info: ModelInfo, grids: Mapping[str, Tensor], T: int) -> dict[str, Tensor]:
@@ -272,47 +298,47 @@ def _on_path(info: ModelInfo, grids: Mapping[str, Tensor], T: int) -> dict[str, 
 
     ``reached[w, p]``: writer ``w`` at position ``p`` is reached from the embeddings through kept edges;
     ``live[w, p]``: it reaches the logits. An edge ``(u, p) -> reader r`` lies on a path iff ``reached[u, p]``
-    and ``r`` at ``p`` reaches the logits (``reader_live``)."""
+    and ``r`` at ``p`` reaches the logits (``reader_live``). Sets are 0/1 floats (contractions are fast; torch's
+    boolean ``any`` along an axis is not)."""
     n_heads, group = info.n_heads, info.n_heads // info.n_kv_heads
     per_block = n_heads + (info.d_mlp is not None)
     W = 1 + info.n_layers * per_block
-    reached = torch.zeros(W, T, dtype=torch.bool)
-    reached[0] = True
+    edges = {kind: g.to(torch.float32) for kind, g in grids.items()}
+    reached = torch.zeros(W, T)
+    reached[0] = 1
     for layer in range(info.n_layers):
         base = 1 + layer * per_block
-        heads = torch.zeros(T, n_heads, dtype=torch.bool)
+        heads = torch.zeros(T, n_heads)
         for kind in ("q", "k", "v"):
-            hit = (grids[kind][layer] & reached.T[:, None, :]).any(-1)  # pos head
+            hit = (torch.einsum("thw,wt->th", edges[kind][layer], reached) > 0).float()  # pos head
             if kind != "q":  # a key/value at s feeds the outputs at t >= s, of every query head of its group
-                hit = (hit.int().cumsum(0) > 0).repeat_interleave(group, dim=1)
-            heads |= hit
-        reached[base : base + n_heads] = heads.T
+                hit = (hit.cumsum(0) > 0).float().repeat_interleave(group, dim=1)
+            heads += hit
+        reached[base : base + n_heads] = (heads.T > 0).float()
         if info.d_mlp is not None:
-            reached[base + n_heads] = (grids["mlp"][layer] & reached.T[:, None, :]).any(-1)[:, 0]
+            reached[base + n_heads] = (torch.einsum("tw,wt->t", edges["mlp"][layer, :, 0], reached) > 0).float()
 
-    live = torch.zeros(W, T, dtype=torch.bool)
-    reader_live = {kind: torch.zeros(grids[kind].shape[:3], dtype=torch.bool) for kind in grids}
-    reader_live["logits"][:] = True
-    live |= grids["logits"][0, :, 0, :].T
+    live = edges["logits"][0, :, 0, :].T.clone()  # writer pos
+    reader_live = {kind: torch.zeros(g.shape[:3]) for kind, g in edges.items()}
+    reader_live["logits"][:] = 1
 
     def feed(kind: str, layer: int) -> None:
-        nonlocal live
-        live |= (grids[kind][layer] & reader_live[kind][layer][:, :, None]).any(1).T
+        live.add_(torch.einsum("thw,th->wt", edges[kind][layer], reader_live[kind][layer]))
 
     for layer in reversed(range(info.n_layers)):
         base = 1 + layer * per_block
         if info.d_mlp is not None:
-            reader_live["mlp"][layer, :, 0] = live[base + n_heads]
+            reader_live["mlp"][layer, :, 0] = (live[base + n_heads] > 0).float()
             feed("mlp", layer)
-        out_live = live[base : base + n_heads].T  # pos head
+        out_live = (live[base : base + n_heads].T > 0).float()  # pos head
         reader_live["q"][layer] = out_live
-        kv = out_live.reshape(T, info.n_kv_heads, group).any(-1)
-        later = kv.flip(0).int().cumsum(0).flip(0) > 0  # some t >= s
+        kv = out_live.reshape(T, info.n_kv_heads, group).sum(-1)
+        later = (kv.flip(0).cumsum(0).flip(0) > 0).float()  # some t >= s
         reader_live["k"][layer] = later
         reader_live["v"][layer] = later
         for kind in ("q", "k", "v"):
             feed(kind, layer)
-    return {kind: grids[kind] & reached.T[None, :, None, :] & reader_live[kind][..., None] for kind in grids}
+    return {kind: grids[kind] & (reached.T > 0)[None, :, None, :] & (reader_live[kind] > 0)[..., None] for kind in grids}
 
 
 def result_model_info(result: AttributionResult) -> ModelInfo:
@@ -686,7 +712,7 @@ def circuit_faithfulness(
     asked = sorted({min(s, edges.n_edges) for s in asked})
     if greedy:
         _check_greedy(edges)
-    circuits = [extract_circuit(edges, n, greedy=greedy).nodes for n in asked]
+    circuits = edges.greedy_many(asked) if greedy else [edges.top(n) for n in asked]
     passes_before = evaluator.passes
     keep = evaluator.keep([torch.zeros(0, dtype=torch.long), edges.ranking, *circuits])
     values, per_pair = evaluator.faithfulness(keep, progress)
