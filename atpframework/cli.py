@@ -365,7 +365,8 @@ def compare_command(plan_path: str, methods: str, ground_truth: str | None, k_ma
 @click.option("--graph-size", type=click.IntRange(min=1), metavar="N",
               help="Size of the circuit (of the first RESULT) written as circuit_graph.json and circuit.dot "
                    "[default: the largest --sizes; 100 without --sizes].")
-@click.option("--circuits-per-pass", default=8, type=click.IntRange(min=1), show_default=True, help="Circuits patched per forward pass.")
+@click.option("--circuits-per-pass", default=8, type=click.IntRange(min=1), show_default=True, metavar="N",
+              help="Circuits patched per forward pass (memory grows with it).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for circuit.csv, circuit.json, faithfulness.png, circuit_graph.json and circuit.dot.")
 @click.option("--model", "model_source", help=MODEL_HELP)

@@ -814,15 +814,20 @@ def _component(components: dict[str, dict[str, Any]], info: ModelInfo, reader: s
 def graph_dot(graph: Mapping[str, Any], title: str = "circuit") -> str:
     """Graphviz DOT text of a ``circuit_graph``: components bottom (embeddings) to top (logits), one arrow per
     edge labelled with its reader (q, k, v, mlp, logits), width by magnitude, blue for a positive signed mean
-    and red for a negative one; a key/value head shared by a group has dashed arrows to its query heads."""
+    and red for a negative one; a key/value head shared by a group has dashed lines to its query heads (dotted
+    when no edge of the circuit touches them)."""
     def quoted(text: str) -> str:
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     lines = [f"digraph {quoted(title)} {{", "  rankdir=BT;", '  node [shape=box, fontname="Helvetica"];']
     shapes = {"embed": "invhouse", "logits": "house", "mlp": "box", "head": "ellipse", "kv_head": "diamond"}
+    listed = {node["id"] for node in graph["nodes"]}
     for node in graph["nodes"]:
         lines.append(f"  {quoted(node['id'])} [shape={shapes.get(node['kind'], 'box')}];")
         for head in node.get("heads", []):
+            if head not in listed:
+                lines.append(f"  {quoted(head)} [shape=ellipse, style=dotted];")
+                listed.add(head)
             lines.append(f"  {quoted(node['id'])} -> {quoted(head)} [style=dashed, arrowhead=none];")
     largest = max((e["magnitude"] for e in graph["edges"]), default=0.0) or 1.0
     for e in graph["edges"]:

@@ -35,7 +35,8 @@ def _model_spec(plan: AttributionPlan) -> dict[str, Any]:
 
 
 class Session:
-    """A model loaded once and reused by ``run``, ``verify``, ``diagnose`` and ``compare`` (see module docstring).
+    """A model loaded once and reused by ``run``, ``verify``, ``diagnose``, ``compare`` and ``circuit_faithfulness``
+    (see module docstring).
 
     Args:
         plan: the session's plan (object, dict or JSON path): its model is the one loaded, and it is the
