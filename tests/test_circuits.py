@@ -13,7 +13,14 @@ from click.testing import CliRunner
 from conftest import ARCHITECTURES, make_plan, tiny_model
 
 import atpframework as af
-from atpframework.analysis.circuits import CircuitEvaluator, ResultEdges, circuit_faithfulness, circuit_graph, extract_circuit
+from atpframework.analysis.circuits import (
+    CircuitEvaluator,
+    ResultEdges,
+    circuit_faithfulness,
+    circuit_graph,
+    curve_areas,
+    extract_circuit,
+)
 from atpframework.cli import main
 
 KINDS = ("edge_q", "edge_k", "edge_v", "edge_mlp", "edge_logits")
@@ -53,12 +60,13 @@ def kept_edges(result, nodes):
     return out
 
 
-def brute_force_metric(model, result, nodes, prompts):
+def brute_force_metric(model, result, nodes, prompts, unscored_kept=False):
     """logit difference per pair of a circuit forward written from scratch: every reader's input is rebuilt as the
     sum over its upstream writers of (kept edge: the writer's value in this forward; else: its noise-run value)
-    plus the attention output biases below it."""
+    plus the attention output biases below it. ``unscored_kept``: edges the result does not score count as kept."""
     cfg = model.cfg
     kept = kept_edges(result, nodes)
+    scored = kept_edges(result, range(result.numbering.n_nodes))
     hooks = writer_hooks(cfg)
     per_block = cfg.n_heads + (not cfg.attn_only)
     group = cfg.n_heads // (cfg.n_key_value_heads or cfg.n_heads)
@@ -92,7 +100,9 @@ def brute_force_metric(model, result, nodes, prompts):
                     for h in range(heads):
                         total = bias(n_attn).clone().expand(act.shape[0], -1).clone()
                         for w in range(upstream):
-                            total += value(w)[:, pos] if (kind, layer, pos, h, w) in kept else noise_w[w][:, pos]
+                            edge = (kind, layer, pos, h, w)
+                            keep = edge in kept or (unscored_kept and edge not in scored)
+                            total += value(w)[:, pos] if keep else noise_w[w][:, pos]
                         if act.dim() == 4:
                             out[:, pos, h] = total
                         else:
@@ -165,6 +175,55 @@ def test_circuit_metrics_equal_a_hand_written_forward(arch):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
         spread.append(expected)
     assert (spread[0] - spread[1]).abs().max() > 1e-3, "the circuits must differ in metric for the check to mean anything"
+
+
+@pytest.mark.parametrize("unscored", ["noise", "clean"])
+def test_edges_the_result_does_not_score_carry_noise_or_stay_clean(unscored):
+    model = tiny_model()
+    plan = make_plan([{"kind": "edge_v", "positions": "each"}, {"kind": "edge_mlp", "positions": "each", "layers": [1]}])
+    result = af.run(plan, model=model, progress=False)
+    evaluator = CircuitEvaluator(result, model=model, unscored=unscored)
+    n = evaluator.edges.n_nodes
+    circuits = [torch.arange(n), torch.zeros(0, dtype=torch.long), extract_circuit(result, 30).nodes]
+    values = evaluator.metrics(evaluator.keep(circuits))
+    for circuit, got in zip(circuits, values):
+        expected = brute_force_metric(model, result, circuit.tolist(), plan["prompts"], unscored_kept=unscored == "clean")
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    if unscored == "clean":
+        torch.testing.assert_close(values[0], evaluator.metric_clean, atol=1e-5, rtol=0)
+    else:
+        assert (values[0] - evaluator.metric_clean).abs().max() > 1e-3, "the unscored edges carry noise"
+
+
+def test_pairs_of_different_lengths_run_in_their_batches_and_prune_on_summed_positions():
+    model = tiny_model()
+    prompts = [{"clean": [1, 2, 3, 4, 5, 6], "noise": [1, 9, 3, 4, 11, 6], "answer": 3, "wrong_answer": 4},
+               {"clean": [7, 8, 2, 4, 5], "noise": [7, 12, 2, 4, 5], "answer": 6, "wrong_answer": 2}]
+    plan = make_plan([{"kind": k, "positions": "all"} for k in KINDS], prompts=prompts)
+    result = af.run(plan, model=model, progress=False)
+    evaluator = CircuitEvaluator(result, model=model)
+    assert len(evaluator.batches) == 2 and evaluator.edges.prune_positions == 1
+    n = evaluator.edges.n_nodes
+    faithfulness, per_pair = evaluator.faithfulness(torch.stack([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)]))
+    assert (per_pair[0] - 1).abs().max() < 1e-4 and per_pair[1].abs().max() < 1e-4
+    tuples = {g: next(iter(kept_edges(result, [g]))) for g in range(n)}
+    for size in (4, 12):
+        greedy = extract_circuit(result, size, greedy=True).nodes.tolist()
+        summed = [(kind, layer, 0, head, w) for kind, layer, _, head, w in (tuples[g] for g in greedy)]
+        assert len(on_path_edges(model.cfg, summed)) == len(greedy) >= size
+
+
+def test_the_areas_integrate_from_the_empty_circuit_to_the_full_one():
+    areas = curve_areas([1, 10], torch.tensor([0.0, 0.5]), 100, empty=0.0, full=1.0)
+    # log axis: x = 0, 0.5, 1 for sizes 1, 10, 100
+    assert areas["cpr_log"] == pytest.approx(0.5) and areas["cmd_log"] == pytest.approx(0.5)
+    # fraction axis: (0, 0) empty, (0.01, 0), (0.1, 0.5), (1, 1)
+    cpr = 0.09 * 0.25 + 0.9 * 0.75
+    assert areas["cpr_fraction"] == pytest.approx(cpr) and areas["cmd_fraction"] == pytest.approx(1 - cpr)
+    # a curve whose first circuit is large starts from the empty circuit at size 1
+    late = curve_areas([10], torch.tensor([0.5]), 100, empty=0.0, full=1.0)
+    assert late["cpr_log"] == pytest.approx(0.5)
+    assert curve_areas([1, 10], torch.tensor([1.0, 1.0]), 100, empty=0.0, full=1.0)["cmd_log"] == pytest.approx(0.0)
 
 
 # --------------------------------------------------------------------------------- a planted path

@@ -42,10 +42,11 @@ the noise writers plus its constants, which is its noise-run input), up to round
 with every curve (``full``, ``empty``).
 
 **Areas** (MIB's CPR and CMD): the area under the faithfulness curve and under ``|1 - faithfulness|``, by the
-trapezoid rule over the sizes evaluated, on two x axes normalised to [0, 1]: ``log``, ``x = ln(size) / ln(n_edges)``
-(sizes 1 .. ``n_edges``; divided by the x range the sizes cover, so it is a mean over that range), and
-``fraction``, ``x = size / n_edges`` (from the empty circuit at 0 to the full one at 1). CPR: higher is
-better; CMD: lower is better.
+trapezoid rule over the circuits evaluated, on two x axes normalised to [0, 1]: ``log``, ``x = ln(size) / ln(n_edges)``
+(size 1 at 0), and ``fraction``, ``x = size / n_edges``. The circuit of every edge closes each curve at 1 and
+the empty circuit opens it at 0 (on the log axis at size 1, unless a circuit of one edge was evaluated): below
+its first circuit a method offers no smaller one than the empty circuit, so a greedy curve whose first
+circuit has 150 edges is not credited for sizes it cannot reach. CPR: higher is better; CMD: lower is better.
 """
 
 import csv
@@ -650,23 +651,19 @@ def _stat(values: Tensor, how: str) -> float:
 
 
 def curve_areas(sizes: Sequence[int], faithfulness: Tensor, n_edges: int, empty: float, full: float) -> dict[str, float]:
-    """CPR (area under faithfulness) and CMD (area under ``|1 - faithfulness|``) by the trapezoid rule, over
-    ``x = ln(size) / ln(n_edges)`` (``*_log``, divided by the x range covered) and ``x = size / n_edges``
-    (``*_fraction``, from the empty circuit at 0 to the full one at 1)."""
+    """CPR (area under faithfulness) and CMD (area under ``|1 - faithfulness|``) by the trapezoid rule over x in
+    [0, 1]: ``x = ln(size) / ln(n_edges)`` (``*_log``) and ``x = size / n_edges`` (``*_fraction``). The circuit of
+    every edge closes each curve at x = 1; the empty circuit opens it at x = 0 (on the log axis: at size 1, when no
+    circuit of one edge was evaluated: below its first circuit a method offers none smaller than the empty one)."""
     points = dict(zip((int(s) for s in sizes), (float(f) for f in faithfulness)))
     points[n_edges] = full
     out = {}
-    fraction = sorted({0: empty, **points}.items())
-    xs, ys = [s / n_edges for s, _ in fraction], [f for _, f in fraction]
-    out["cpr_fraction"], out["cmd_fraction"] = _trapezoid(xs, ys), _trapezoid(xs, [abs(1 - y) for y in ys])
-    logged = sorted(points.items())
-    if n_edges > 1 and len(logged) > 1:
-        xs, ys = [math.log(s) / math.log(n_edges) for s, _ in logged], [f for _, f in logged]
-        span = xs[-1] - xs[0]
-        out["cpr_log"], out["cmd_log"] = _trapezoid(xs, ys) / span, _trapezoid(xs, [abs(1 - y) for y in ys]) / span
-    else:
-        out["cpr_log"], out["cmd_log"] = full, abs(1 - full)
-    return out
+    for axis, start, x in (("fraction", 0, lambda s: s / n_edges), ("log", 1, lambda s: math.log(s) / math.log(n_edges))):
+        curve = sorted({start: empty, **points}.items()) if n_edges > 1 else [(0, empty), (1, full)]
+        xs = [x(s) for s, _ in curve] if n_edges > 1 else [0.0, 1.0]
+        ys = [f for _, f in curve]
+        out[f"cpr_{axis}"], out[f"cmd_{axis}"] = _trapezoid(xs, ys), _trapezoid(xs, [abs(1 - y) for y in ys])
+    return {k: out[k] for k in ("cpr_log", "cmd_log", "cpr_fraction", "cmd_fraction")}
 
 
 def _trapezoid(xs: Sequence[float], ys: Sequence[float]) -> float:
@@ -876,8 +873,8 @@ DEFINITIONS = {
                         "same forward"),
     "cpr": "area under the faithfulness curve (trapezoid); higher is better",
     "cmd": "area under |1 - faithfulness| (trapezoid); lower is better",
-    "x axes": ("log: ln(size)/ln(n_edges), area divided by the x range covered; fraction: size/n_edges from the empty "
-               "circuit (0) to the full one (1)"),
+    "x axes": ("log: ln(size)/ln(n_edges); fraction: size/n_edges; both from 0 (the empty circuit; on the log axis at size 1 "
+               "unless a 1-edge circuit was evaluated) to 1 (every edge)"),
 }
 """What ``circuit.json`` says its numbers mean."""
 
