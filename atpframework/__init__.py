@@ -4,6 +4,7 @@ Importing this package loads no model library (transformer_lens, transformers, s
 node types and methods are plugins, imported only when a plan names them.
 """
 
+from atpframework.analysis.circuits import circuit_faithfulness as circuit_faithfulness
 from atpframework.analysis.session import Session as Session
 from atpframework.api import as_plan as as_plan
 from atpframework.api import compile as compile
@@ -40,6 +41,7 @@ from atpframework.version import __version__ as __version__
 __all__ = [
     "AbstractBackend", "AbstractMethod", "AbstractNode", "AtpfError", "AttributionPlan", "AttributionResult", "BackendError",
     "BatchRun", "BatchScores", "CompiledPlan", "Intervention", "PassStep", "MethodConfig", "MetricInputs", "ModelInfo", "NodeSpec", "PlanError", "PluginError", "SchemaError",
-    "Selection", "Session", "Site", "as_plan", "compile", "edge_selections", "load_backend", "load_plan", "load_result", "parse_plan",
+    "Selection", "Session", "Site", "as_plan", "circuit_faithfulness", "compile", "edge_selections", "load_backend", "load_plan",
+    "load_result", "parse_plan",
     "plan_json_schema", "run",
 ]

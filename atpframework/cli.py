@@ -5,6 +5,7 @@
     atpf verify RESULT (--budget N | --until-stable) [--top K] [--threshold X] [-o OUT]
     atpf diagnose RESULT --verified-top K --samples M[,M2..] [--confidence 0.9,0.99] [--plot PNG]
     atpf compare PLAN.json --methods atp,atp_star,... [--ground-truth RESULT] --out DIR
+    atpf circuit RESULT [RESULT...] [--sizes 1,10,100] [--greedy] --out DIR   faithfulness curves of edge circuits
     atpf report RESULT [-o REPORT.html] [--diagnosis DIAG.json] [--title TEXT]
     atpf schema                                     print the plan JSON Schema
 
@@ -351,6 +352,103 @@ def compare_command(plan_path: str, methods: str, ground_truth: str | None, k_ma
         click.echo("wrote " + ", ".join(str(p) for p in written))
 
     _guard(debug, action)
+
+
+@main.command("circuit")
+@click.argument("result_paths", metavar="RESULT...", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--sizes", help="Circuit sizes in edges, comma-separated [default: 1, 2, 5, 10, 20, 50, ... and every edge].")
+@click.option("--greedy", is_flag=True,
+              help="Greedy circuits: the top edges with the dangling ones pruned (every kept edge on a path from the "
+                   "embeddings to the logits), instead of the top edges.")
+@click.option("--unscored", type=click.Choice(["noise", "clean"]), default="noise", show_default=True,
+              help="What the edges a result does not score carry: their noise value (outside every circuit) or their own (kept).")
+@click.option("--graph-size", type=click.IntRange(min=1), metavar="N",
+              help="Size of the circuit (of the first RESULT) written as circuit_graph.json and circuit.dot "
+                   "[default: the largest --sizes; 100 without --sizes].")
+@click.option("--circuits-per-pass", default=8, type=click.IntRange(min=1), show_default=True, metavar="N",
+              help="Circuits patched per forward pass (memory grows with it).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for circuit.csv, circuit.json, faithfulness.png, circuit_graph.json and circuit.dot.")
+@click.option("--model", "model_source", help=MODEL_HELP)
+@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def circuit_command(result_paths: tuple[str, ...], sizes: str | None, greedy: bool, unscored: str, graph_size: int | None,
+                    circuits_per_pass: int, out_dir: str, model_source: str | None, quiet: bool, debug: bool) -> None:
+    """Faithfulness of the circuits of edge results over circuit sizes (exact patching), with the areas under the
+    curves (CPR, CMD), a plot, and one circuit as a graph (JSON and Graphviz DOT) in --out."""
+    from pathlib import Path
+
+    from atpframework.analysis import circuits
+    from atpframework.io.results import load_result
+
+    def action() -> None:
+        asked = _circuit_sizes(sizes)
+        results = [load_result(path) for path in result_paths]
+        for path, result in zip(result_paths, results):
+            problem = circuits.edge_problem(result)
+            if problem:
+                raise PlanError(f"RESULT {shorten(path)}: {problem}")
+            if model_source is None and result.plan.get("model", {}).get("source") == "in_memory":
+                raise PlanError(f"--model: RESULT {shorten(path)} was computed on a model passed in memory (model.source "
+                                "'in_memory'), which the file cannot load; name the model with --model SOURCE")
+        target = graph_size or (max(asked) if asked else 100)
+        wanted = None if asked is None else sorted({*asked, target})
+        labels = circuits.curve_labels(results, [Path(p).stem for p in result_paths])
+        _quiet_model_libraries()
+        started = time.perf_counter()
+        backends: dict[str, Any] = {}
+        curves = []
+        for path, result, label in zip(result_paths, results, labels):
+            key = json.dumps(result.plan.get("model"), sort_keys=True)
+            if key not in backends:
+                backends[key] = _result_backend(result, path, model_source)
+            step = time.perf_counter()
+            size_list = wanted if wanted is not None else [*circuits.default_sizes(circuits.ResultEdges(result).n_edges), target]
+            curve = circuits.circuit_faithfulness(result, size_list, greedy=greedy, unscored=unscored,  # type: ignore[arg-type]
+                                                  circuits_per_pass=circuits_per_pass, label=label,
+                                                  backend=backends[key], progress=not quiet)
+            curves.append(curve)
+            click.echo(f"{label}: {curve.n_edges} edges, {curve.passes} patched passes, {time.perf_counter() - step:.1f}s")
+        first = curves[0]
+        index = first.requested.index(min(target, first.n_edges))
+        graph = circuits.describe_graph(first, index, results[0])
+        written = circuits.write_circuit_outputs(curves, out_dir, graph=graph, title="circuit faithfulness: " + ", ".join(labels))
+        click.echo(_format_circuits(curves))
+        click.echo(f"graph: the {'greedy' if greedy else 'top'} circuit of {graph['size']} edges of {first.label} "
+                   f"(faithfulness {graph['faithfulness']:.4f}): {len(graph['nodes'])} components, {len(graph['edges'])} edges")
+        click.echo("wrote " + ", ".join(str(p) for p in written) + f" ({time.perf_counter() - started:.1f}s)")
+
+    _guard(debug, action)
+
+
+def _circuit_sizes(text: str | None) -> list[int] | None:
+    """``--sizes``: whole numbers >= 1, or None (the default sizes)."""
+    if text is None:
+        return None
+    values = _ints(text, "--sizes")
+    if not values or min(values) < 1:
+        raise PlanError(f"--sizes: expected comma-separated circuit sizes, whole numbers >= 1 (got {text!r})")
+    return values
+
+
+def _format_circuits(curves: list[Any]) -> str:
+    """Faithfulness per size (rows) and curve (columns), then each curve's empty/full check and areas."""
+    sizes = sorted({s for c in curves for s in c.requested})
+    table = text_table("size", *(c.label for c in curves))
+    for size in sizes:
+        cells = []
+        for c in curves:
+            at = min(size, c.n_edges)
+            cells.append(f"{float(c.faithfulness[c.requested.index(at)]):.4f}" + (f" ({c.sizes[c.requested.index(at)]})" if c.greedy else "")
+                         if at in c.requested else "")
+        table.add_row(str(size), *cells)
+    lines = ["faithfulness = mean(m(circuit) - m(noise)) / mean(m(clean) - m(noise))" + ("; greedy sizes reached in ()" if curves[0].greedy else ""),
+             render_table(table)]
+    for c in curves:
+        a = c.areas
+        lines.append(f"{c.label}: empty {c.empty:.2e}, full {c.full:.6f}; CPR {a['cpr_log']:.4f} / CMD {a['cmd_log']:.4f} over "
+                     f"log size, CPR {a['cpr_fraction']:.4f} / CMD {a['cmd_fraction']:.4f} over the fraction of edges")
+    return "\n".join(lines)
 
 
 @main.command("report")

@@ -178,13 +178,13 @@ def test_the_package_import_graph_has_no_cycle():
 LAYERS = [
     ("foundations", ["errors", "version", "plugins"]),
     ("io", ["io", "io.files", "io.tables", "io.progress", "io.results"]),
-    ("model", ["model", "model.dims", "model.sites", "model.backend", "model.node", "model.interventions", "model.sae", "model.bundled"]),
+    ("model", ["model", "model.dims", "model.sites", "model.backend", "model.node", "model.interventions", "model.sae", "model.bundled", "model.edges"]),
     ("plans", ["plans", "plans.chunking", "plans.plan", "plans.metrics", "plans.compiled"]),
     ("maths", ["maths", "maths.attention", "maths.graddrop", "maths.diagnostic"]),
     ("methods", ["methods", "methods.base", "methods.atp", "methods.patching", "methods.baselines"]),
     ("engine", ["engine", "engine.runner", "engine.checks", "engine.checkpoint", "engine.outputs", "engine.distributed"]),
     ("python api", ["api"]),
-    ("analysis", ["analysis", "analysis.verify", "analysis.recall", "analysis.compare", "analysis.plots", "analysis.report", "analysis.session", "analysis.figure_data", "analysis.figures"]),
+    ("analysis", ["analysis", "analysis.verify", "analysis.recall", "analysis.compare", "analysis.plots", "analysis.report", "analysis.session", "analysis.figure_data", "analysis.figures", "analysis.circuits"]),
     ("entry points", ["cli", "testing", "__init__", "__main__"]),
 ]
 """The layers of docs/architecture.md, top first (one folder of atpframework/ each, the foundations and the

@@ -1,9 +1,10 @@
-"""Evaluation figures (cost-of-verified-recall curves, the false-negative diagnostic) and the drawing
-helpers every figure of the package shares.
+"""Evaluation figures (cost-of-verified-recall curves, the false-negative diagnostic, circuit faithfulness
+curves) and the drawing helpers every figure of the package shares.
 
-This module owns drawing only; the numbers come from ``atpframework.analysis.recall`` (curves) and from the
-diagnostic's bound ``theta*`` (method notes, section 5). Figures of a result's scores (heatmaps, token
-strips, bar charts, the verified-vs-estimated scatter) are in ``atpframework.analysis.figures``.
+This module owns drawing only; the numbers come from ``atpframework.analysis.recall`` (curves),
+``atpframework.analysis.circuits`` (faithfulness) and from the diagnostic's bound ``theta*`` (method notes,
+section 5). Figures of a result's scores (heatmaps, token strips, bar charts, the verified-vs-estimated
+scatter) are in ``atpframework.analysis.figures``.
 matplotlib is optional (extra ``plot``): it is imported inside each function, so importing this module
 never needs it, and a missing install raises ``PlotDependencyError`` (an ``ImportError``) that says what
 to install.
@@ -307,3 +308,40 @@ def _draw_bound_against_samples(ax: Any, checked: dict[float, list[tuple[int, fl
     ax.set_title("the bound against the number of samples")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="best", fontsize="small")
+
+
+# ------------------------------------------------------------------------------------- circuit faithfulness
+FaithfulnessLine = tuple[str, Sequence[int], Any]
+"""One curve of ``faithfulness_figure``: its label, the circuit sizes (edges) and the faithfulness at each."""
+
+
+def faithfulness_figure(curves: Sequence[FaithfulnessLine], title: str = "") -> "Figure":
+    """Faithfulness (y) against circuit size in edges (x, log scale), one line with markers per curve; dashed
+    lines at 1 (the whole model) and 0 (the noise run). Ticks on x are plain numbers."""
+    curves = list(curves)
+    if not curves:
+        raise ValueError("curves: expected at least one (label, sizes, faithfulness) curve")
+    fig = _new_figure(6.4, 4.8)
+    ax = fig.add_subplot()
+    for i, (label, sizes, values) in enumerate(curves):
+        ys = [float(v) for v in values]
+        if len(ys) != len(sizes) or any(int(s) < 1 for s in sizes):
+            raise ValueError(f"curves[{i}]: expected one faithfulness per size, sizes >= 1 (got {len(sizes)} sizes, {len(ys)} values)")
+        ax.plot([int(s) for s in sizes], ys, marker="o", markersize=3.5, linewidth=1.6, label=label)
+    for level in (0.0, 1.0):
+        ax.axhline(level, linestyle="--", color="0.4", linewidth=1.0)
+    ax.set_xscale("log")
+    _plain_log_ticks(ax, "x")
+    ax.set_xlabel("circuit size (edges)")
+    ax.set_ylabel("faithfulness\n(m(circuit) - m(noise)) / (m(clean) - m(noise))")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def plot_faithfulness(curves: Sequence[FaithfulnessLine], path: str | os.PathLike[str], title: str = "") -> Path:
+    """``faithfulness_figure(curves, title)`` written to ``path`` (PNG, SVG or PDF by suffix); returns the path."""
+    out = _figure_path(path)
+    return _save_atomically(faithfulness_figure(curves, title), out)

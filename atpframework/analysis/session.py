@@ -1,4 +1,4 @@
-"""One loaded model for a whole workflow: run, verify, diagnose and compare without reloading it.
+"""One loaded model for a whole workflow: run, verify, diagnose, compare and circuits without reloading it.
 
 ``af.run``, ``verify``, ``diagnose`` and ``compare`` each load the plan's model unless handed a backend;
 a ``Session`` loads it once (lazily, at the first call that needs it) and hands the same backend to
@@ -11,6 +11,7 @@ another's numbers. The numbers are those of the separate calls.
     result = s.verify(result, budget=50)
     result, diagnosis = s.diagnose(result, verified_top=50, samples=[400])
     comparison = s.compare(["atp", "atp_star"])
+    curve = s.circuit_faithfulness(edge_result, sizes=[1, 10, 100])   # a result of edge selections
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from atpframework import api
+from atpframework.analysis.circuits import FaithfulnessCurve, Unscored, circuit_faithfulness
 from atpframework.analysis.compare import Comparison, compare
 from atpframework.analysis.verify import Diagnosis, ResultLike, diagnose, verify
 from atpframework.errors import PlanError, shorten
@@ -33,7 +35,8 @@ def _model_spec(plan: AttributionPlan) -> dict[str, Any]:
 
 
 class Session:
-    """A model loaded once and reused by ``run``, ``verify``, ``diagnose`` and ``compare`` (see module docstring).
+    """A model loaded once and reused by ``run``, ``verify``, ``diagnose``, ``compare`` and ``circuit_faithfulness``
+    (see module docstring).
 
     Args:
         plan: the session's plan (object, dict or JSON path): its model is the one loaded, and it is the
@@ -168,6 +171,16 @@ class Session:
         return diagnose(result, verified_top=verified_top, samples=samples, confidences=confidences, p=p, seed=seed,
                         nodes_per_pass=nodes_per_pass, backend=self._backend_for(api.as_plan(result.plan)),
                         saes=self._saes or None, progress=self._progress(progress))
+
+    def circuit_faithfulness(self, result: ResultLike, sizes: Sequence[int] | None = None, *, greedy: bool = False,
+                             unscored: Unscored = "noise", circuits_per_pass: int = 8, label: str | None = None,
+                             progress: Progress | None = None) -> FaithfulnessCurve:
+        """``atpframework.analysis.circuits.circuit_faithfulness`` on the session's model: the faithfulness of an edge
+        result's circuits over ``sizes``."""
+        result = self._result(result)
+        return circuit_faithfulness(result, sizes, greedy=greedy, unscored=unscored, circuits_per_pass=circuits_per_pass,
+                                    label=label, backend=self._backend_for(api.as_plan(result.plan)), saes=self._saes or None,
+                                    progress=self._progress(progress))
 
     def compare(self, methods: Sequence[str | Mapping[str, Any]], *, plan: api.PlanLike | None = None,
                 ground_truth: AttributionResult | str | Path | None = None, k_max: int | None = None,

@@ -57,24 +57,7 @@ class _Verifier:
         for name, ns in result.nodes.items():
             if name not in self.names or tuple(ns.per_pair.shape[1:]) != self.compiled.bound[self.names.index(name)].shape:
                 raise PlanError(f"the result's node selection {name!r} does not match its own plan any more (edited file?)")
-        self._check_same_model(result, backend.info.source)
-
-    def _check_same_model(self, result: AttributionResult, source: str) -> None:
-        """Refuse a model whose clean or noise metric differs from the stored one: verified effects computed
-        on another model (``--model``, or weights changed on disk) would be stored beside scores they do not belong to.
-        Allowed drift: 2% of the metric's scale (dtype and device rounding stay far below it)."""
-        scale = max(float((result.metric_noise - result.metric_clean).abs().mean()), float(result.metric_clean.abs().mean()), 1e-3)
-        for pairs, patcher in self.patchers:
-            for label, stored, now in (("clean", result.metric_clean, patcher.metric_clean),
-                                       ("noise", result.metric_noise, patcher.metric_noise)):
-                gap = (now.detach().float().cpu() - stored[pairs].float()).abs()
-                if not bool((gap <= 0.02 * scale).all()):
-                    i = int(gap.argmax())
-                    raise PlanError(
-                        f"model.source: {shorten(source)} is not the model this result was computed with: prompt pair "
-                        f"{pairs[i]} has {label} metric {float(now[i]):.6g}, the file stored {float(stored[pairs[i]]):.6g}; "
-                        "verified effects would not belong to the file's scores (give the right model with --model)"
-                    )
+        check_same_model(result, backend.info.source, [(pairs, p.metric_clean, p.metric_noise) for pairs, p in self.patchers])
 
     def estimates(self, result: AttributionResult) -> Tensor:
         """``node``: mean |score| over pairs, in global node order."""
@@ -113,6 +96,24 @@ class _Verifier:
                 new = VerifiedNodes(torch.cat([old.index, new.index]), torch.cat([old.rank, new.rank]), torch.cat([old.effects, new.effects], 1))
             verified[name] = new
         return dataclasses.replace(result, verified=verified, verification={**result.verification, **info})
+
+
+def check_same_model(result: AttributionResult, source: str, measured: Sequence[tuple[list[int], Tensor, Tensor]]) -> None:
+    """Refuse a model whose clean or noise metric differs from the stored one: exact effects computed on another
+    model (``--model``, or weights changed on disk) would be stored or reported beside scores they do not belong
+    to. ``measured``: per batch, its pair indices and the clean and noise metrics measured now. Allowed drift:
+    2% of the metric's scale (dtype and device rounding stay far below it)."""
+    scale = max(float((result.metric_noise - result.metric_clean).abs().mean()), float(result.metric_clean.abs().mean()), 1e-3)
+    for pairs, clean, noise in measured:
+        for label, stored, now in (("clean", result.metric_clean, clean), ("noise", result.metric_noise, noise)):
+            gap = (now.detach().float().cpu() - stored[pairs].float()).abs()
+            if not bool((gap <= 0.02 * scale).all()):
+                i = int(gap.argmax())
+                raise PlanError(
+                    f"model.source: {shorten(source)} is not the model this result was computed with: prompt pair "
+                    f"{pairs[i]} has {label} metric {float(now[i]):.6g}, the file stored {float(stored[pairs[i]]):.6g}; "
+                    "exact effects would not belong to the file's scores (give the right model with --model)"
+                )
 
 
 def _as_result(result: ResultLike) -> AttributionResult:
