@@ -181,7 +181,7 @@ LAYERS = [
     ("model", ["model", "model.dims", "model.sites", "model.backend", "model.node", "model.interventions", "model.sae", "model.bundled", "model.edges"]),
     ("plans", ["plans", "plans.chunking", "plans.plan", "plans.metrics", "plans.compiled"]),
     ("maths", ["maths", "maths.attention", "maths.graddrop", "maths.diagnostic"]),
-    ("methods", ["methods", "methods.base", "methods.atp", "methods.patching", "methods.baselines"]),
+    ("methods", ["methods", "methods.base", "methods.atp", "methods.patching", "methods.baselines", "methods.ig"]),
     ("engine", ["engine", "engine.runner", "engine.checks", "engine.checkpoint", "engine.outputs", "engine.distributed"]),
     ("python api", ["api"]),
     ("analysis", ["analysis", "analysis.verify", "analysis.recall", "analysis.compare", "analysis.plots", "analysis.report", "analysis.session", "analysis.figure_data", "analysis.figures", "analysis.circuits"]),

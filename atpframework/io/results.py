@@ -29,7 +29,6 @@ from torch import Tensor
 from atpframework.errors import SchemaError, shorten
 from atpframework.io.files import write_atomically
 from atpframework.io.tables import render_table, text_table
-from atpframework.model.edges import writer_name
 
 if TYPE_CHECKING:  # types only: the analysis layer sits below this one
     from atpframework.analysis.figures import ResultPlots
@@ -903,6 +902,14 @@ def package_versions() -> dict[str, str]:
 
 def now_utc() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def writer_name(index: int, n_heads: int, has_mlp: bool) -> str:
+    """The short name of edge writer ``index`` (``atpframework.model.edges``'s order): ``embed``, ``L3H1``, ``L3 MLP``."""
+    if index == 0:
+        return "embed"
+    layer, slot = divmod(index - 1, n_heads + has_mlp)
+    return f"L{layer}H{slot}" if slot < n_heads else f"L{layer} MLP"
 
 
 def _label(index: list[int] | str, position: int) -> int | str:

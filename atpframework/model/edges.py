@@ -31,6 +31,7 @@ from einops import einsum
 from pydantic import Field
 from torch import Tensor
 
+from atpframework.io.results import writer_name
 from atpframework.model.backend import ModelInfo
 from atpframework.model.node import SELECTION_FIELDS, AbstractNode, BindingContext, BoundNodes, NodeSpec, Selection, SparseOutput
 from atpframework.model.sites import Site
@@ -79,14 +80,6 @@ def stack_writers(info: ModelInfo, acts: Mapping[Site, Tensor], count: int) -> T
     """``batch pos writer d_model``: the first ``count`` writers' outputs, from activations at ``writer_sites``."""
     parts = [acts[s] if s.name == "attn_result" else acts[s][:, :, None] for s in writer_sites(info, count)]
     return torch.cat(parts, dim=2)[:, :, :count]
-
-
-def writer_name(index: int, n_heads: int, has_mlp: bool) -> str:
-    """The short name of writer ``index``: ``embed``, ``L3H1``, ``L3 MLP``."""
-    if index == 0:
-        return "embed"
-    layer, slot = divmod(index - 1, n_heads + has_mlp)
-    return f"L{layer}H{slot}" if slot < n_heads else f"L{layer} MLP"
 
 
 def writer_labels(info: ModelInfo) -> list[str]:
