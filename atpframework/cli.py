@@ -328,11 +328,14 @@ def diagnose_command(result_path: str, verified_top: int, samples: str, confiden
               help="Comma-separated method names, or a JSON list of method specs (e.g. '[{\"name\": \"blocks\", \"block_size\": 8}]').")
 @click.option("--ground-truth", type=click.Path(dir_okay=False), help="A stored activation_patching result of this plan.")
 @click.option("--k-max", type=int, help="Largest k of the recall curves [default: min(nodes, 200)].")
+@click.option("--faithfulness", "faithfulness_sizes", metavar="SIZES",
+              help="Plans of edges: also the faithfulness of each method's circuits of these sizes (comma-separated).")
+@click.option("--greedy", is_flag=True, help="With --faithfulness: greedy circuits (dangling edges pruned).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the table, plot and results.")
 @click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def compare_command(plan_path: str, methods: str, ground_truth: str | None, k_max: int | None, out_dir: str, quiet: bool,
-                    debug: bool) -> None:
+def compare_command(plan_path: str, methods: str, ground_truth: str | None, k_max: int | None, faithfulness_sizes: str | None,
+                    greedy: bool, out_dir: str, quiet: bool, debug: bool) -> None:
     """Cost of verified recall of several methods on PLAN.json (table, JSON and log-log PNG in --out)."""
     from atpframework.analysis.compare import compare, write_comparison
 
@@ -345,8 +348,19 @@ def compare_command(plan_path: str, methods: str, ground_truth: str | None, k_ma
                 raise PlanError(f"--methods: not valid JSON ({err})") from None
         else:
             specs = [m.strip() for m in text.split(",") if m.strip()]
+        sizes = None
+        if faithfulness_sizes is not None:
+            try:
+                sizes = [int(s) for s in faithfulness_sizes.split(",") if s.strip()]
+            except ValueError:
+                sizes = []
+            if not sizes or min(sizes) < 1:
+                raise PlanError(f"--faithfulness: allowed: comma-separated circuit sizes >= 1 (got {faithfulness_sizes!r})")
+        elif greedy:
+            raise PlanError("--greedy: only with --faithfulness")
         _quiet_model_libraries()
-        comparison = compare(plan_path, specs, ground_truth=ground_truth, k_max=k_max, progress=not quiet)
+        comparison = compare(plan_path, specs, ground_truth=ground_truth, k_max=k_max, progress=not quiet,
+                             faithfulness_sizes=sizes, greedy=greedy)
         written = write_comparison(comparison, out_dir, title=f"cost of verified recall: {plan_path}")
         click.echo(comparison.table())
         click.echo("wrote " + ", ".join(str(p) for p in written))

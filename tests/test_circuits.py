@@ -417,3 +417,29 @@ def test_atpf_circuit_refuses_bad_input_naming_the_option(tmp_path):
     assert_usage_error(invoke("circuit", tmp_path / "edges.safetensors", "--sizes", "two", "--out", out), "--sizes")
     assert_usage_error(invoke("circuit", tmp_path / "edges.safetensors", "--out", out), "--model", "in_memory")
     assert not out.exists()
+
+
+def test_atpf_compare_measures_faithfulness_on_edge_plans(tmp_path, hf_dir):
+    """``compare --faithfulness``: each method's top-n circuits and the ground truth's, by exact patching; the
+    numbers are those of ``circuit_faithfulness`` on the stored results; node plans and bad sizes are refused."""
+    plan = make_plan([{"kind": k, "positions": "all"} for k in KINDS])
+    plan["model"]["source"] = str(hf_dir)
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps(plan))
+    out = tmp_path / "out"
+    done = invoke("compare", plan_path, "--methods", "atp,atp_ig", "--faithfulness", "1,3,10", "--out", out, "-q")
+    assert done.exit_code == 0, (done.output, done.stderr)
+    document = json.loads((out / "compare.json").read_text())
+    curves = {c["method"]: c for c in document["faithfulness"]}
+    assert list(curves) == ["activation_patching", "atp", "atp_ig"]
+    stored = af.load_result(out / "atp.safetensors")
+    direct = af.circuit_faithfulness(stored, [1, 3, 10], progress=False)
+    assert [p["faithfulness"] for p in curves["atp"]["points"]] == pytest.approx([float(f) for f in direct.faithfulness], abs=1e-6)
+    assert (out / "faithfulness.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| atp_ig |" in (out / "compare.md").read_text() and "CPR (log)" in done.output
+    assert_usage_error(invoke("compare", plan_path, "--methods", "atp", "--faithfulness", "0,2", "--out", out), "--faithfulness")
+    assert_usage_error(invoke("compare", plan_path, "--methods", "atp", "--greedy", "--out", out), "--greedy")
+    heads = dict(plan, nodes=[{"kind": "attn_head"}])
+    (tmp_path / "heads.json").write_text(json.dumps(heads))
+    assert_usage_error(invoke("compare", tmp_path / "heads.json", "--methods", "atp", "--faithfulness", "2", "--out", tmp_path / "o2", "-q"),
+                       "faithfulness", "edges")

@@ -7,17 +7,23 @@ backward counting as two forwards) plus one forward per node verified in its ord
 ranked by mean ``|score|`` over the plan's pairs and the ground truth is the mean ``|effect|``, so one
 curve covers the whole prompt distribution. RelCost is the inverse-rank-weighted geometric mean of
 ``cost(k) / k`` (1 for the oracle; see ``atpframework.analysis.recall``).
+
+On a plan of edges, ``faithfulness_sizes`` also compares the methods by the faithfulness of their top-n
+(or greedy) circuits, measured by exact patching (``atpframework.analysis.circuits``), next to the
+circuits ranked by the ground truth itself.
 """
 
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from atpframework import plugins
+from atpframework.analysis.circuits import FaithfulnessCurve, circuit_faithfulness
 from atpframework.analysis.recall import RecallCurve, curves_to_json, format_table, recall_curve
 from atpframework.api import as_plan, load_backend, run, splice_saes
 from atpframework.engine.runner import compile_plan
@@ -26,6 +32,7 @@ from atpframework.io.files import write_text_atomically
 from atpframework.io.progress import Bar, Progress
 from atpframework.io.results import AttributionResult, load_result
 from atpframework.model.backend import AbstractBackend
+from atpframework.model.edges import EdgeNode
 from atpframework.plans.plan import AttributionPlan
 
 GROUND_TRUTH = {"name": "activation_patching", "nodes_per_pass": 64}
@@ -56,6 +63,8 @@ class Comparison:
     runs: list[MethodRun]
     curves: list[RecallCurve]
     """Per method, the cost of verified recall for k = 1 .. k_max."""
+    faithfulness: list[FaithfulnessCurve] = field(default_factory=list)
+    """Edge plans asked for it: the ground truth's and each method's circuit faithfulness over circuit sizes."""
 
     def table(self, ks: Sequence[int] | None = None) -> str:
         """The Markdown table of each method's cost at ``ks`` (default 1, 5, 10, 20, 50, 100, 200) and RelCost,
@@ -67,6 +76,8 @@ class Comparison:
         lines.append(f"ground truth ({gt.name}): {gt.cost:g} forward passes per pair, {gt.wall_s:.1f} s wall")
         for r in self.runs:
             lines.append(f"{r.name}: own cost {r.cost:g} forward passes per pair, {r.wall_s:.1f} s wall")
+        if self.faithfulness:
+            lines += ["", faithfulness_table(self.faithfulness)]
         return "\n".join(lines)
 
     def as_json(self) -> dict[str, Any]:
@@ -77,7 +88,20 @@ class Comparison:
             "ground_truth": {"method": self.ground_truth.spec, "cost": self.ground_truth.cost, "wall_s": self.ground_truth.wall_s},
             "methods": [{"name": r.name, "method": r.spec, "cost": r.cost, "wall_s": r.wall_s} for r in self.runs],
             **curves_to_json(self.curves),
+            **({"faithfulness": [c.as_json() for c in self.faithfulness]} if self.faithfulness else {}),
         }
+
+
+def faithfulness_table(curves: Sequence[FaithfulnessCurve]) -> str:
+    """Markdown: per method, faithfulness at each circuit size and the areas (CPR, CMD on the log-size axis)."""
+    sizes = curves[0].requested
+    head = "| method | " + " | ".join(f"f@{s}" for s in sizes) + " | CPR (log) | CMD (log) |"
+    rows = [head, "|" + "---|" * (len(sizes) + 3)]
+    for c in curves:
+        areas = c.areas
+        cells = " | ".join(f"{float(f):.3f}" for f in c.faithfulness)
+        rows.append(f"| {c.label} | {cells} | {areas['cpr_log']:.3f} | {areas['cmd_log']:.3f} |")
+    return "\n".join(rows) + f"\n\nfaithfulness of {'greedy' if curves[0].greedy else 'top-n'} circuits of {curves[0].n_edges} edges (exact patching)"
 
 
 def _method_spec(entry: str | Mapping[str, Any]) -> dict[str, Any]:
@@ -112,6 +136,8 @@ def compare(
     saes: Mapping[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
     progress: Progress = True,
+    faithfulness_sizes: Sequence[int] | None = None,
+    greedy: bool = False,
 ) -> Comparison:
     """Run ``methods`` (names or method specs) on ``plan`` and measure their cost of verified recall.
 
@@ -121,8 +147,14 @@ def compare(
     ``progress``: ``True``: a progress bar on stderr per method (``compare: atp_star``), per batch of prompt
     pairs with the passes run so far; ``False``: none; a callable: called with the pairs finished
     after each batch of each run (``atpframework.io.progress``).
+    ``faithfulness_sizes``: on a plan of edges, also the faithfulness of each method's circuits of these sizes
+    (``greedy``: greedy circuits), and of the ground truth's.
     """
     plan = as_plan(plan)
+    if faithfulness_sizes is not None:
+        not_edges = [f"nodes[{i}] ({spec.kind})" for i, spec in enumerate(plan.nodes) if not issubclass(plugins.load("nodes", spec.kind), EdgeNode)]
+        if not_edges:
+            raise PlanError(f"compare faithfulness: circuits need a plan of edges only; not edges: {', '.join(not_edges)}")
     backend = splice_saes(plan, backend or load_backend(plan, model), saes)
     say = log or (lambda message: None)
     if ground_truth is None:
@@ -151,12 +183,19 @@ def compare(
         method_run = _timed_run(plan, spec, backend, label, progress, f"compare: {label}")
         runs.append(method_run)
         curves.append(recall_curve(label, true_effects, _flat(method_run.result), method_run.cost, k_max))
-    return Comparison(n_nodes, len(truth.result.metric_clean), truth, runs, curves)
+    faithfulness = []
+    if faithfulness_sizes is not None:
+        for r in (truth, *runs):
+            say(f"faithfulness: {r.name}")
+            faithfulness.append(circuit_faithfulness(
+                r.result, faithfulness_sizes, greedy=greedy, label=r.name, backend=backend, progress=progress,
+            ))
+    return Comparison(n_nodes, len(truth.result.metric_clean), truth, runs, curves, faithfulness)
 
 
 def write_comparison(comparison: Comparison, out_dir: str | Path, title: str = "") -> list[Path]:
     """Write ``compare.md``, ``compare.json``, each method's result and (with matplotlib) ``compare.png``."""
-    from atpframework.analysis.plots import PlotDependencyError, plot_recall_curves
+    from atpframework.analysis.plots import PlotDependencyError, plot_faithfulness, plot_recall_curves
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,6 +209,9 @@ def write_comparison(comparison: Comparison, out_dir: str | Path, title: str = "
         written.append(r.result.save(out / f"{r.spec['name']}{'' if r.name == r.spec['name'] else '_' + str(comparison.runs.index(r))}.safetensors"))
     try:
         written.append(plot_recall_curves(comparison.curves, out / "compare.png", title=title))
+        if comparison.faithfulness:
+            lines = [(c.label, c.sizes, c.faithfulness) for c in comparison.faithfulness]
+            written.append(plot_faithfulness(lines, out / "faithfulness.png", title=title))
     except PlotDependencyError:
         pass
     return written
