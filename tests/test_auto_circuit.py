@@ -60,16 +60,18 @@ def _alias_kv_cache():
 
 _alias_kv_cache()
 
-from auto_circuit.data import PromptDataLoader, PromptDataset  # noqa: E402
-from auto_circuit.prune import run_circuits  # noqa: E402
-from auto_circuit.prune_algos.edge_attribution_patching import edge_attribution_patching_prune_scores  # noqa: E402
-from auto_circuit.prune_algos.mask_gradient import mask_gradient_prune_scores  # noqa: E402
-from auto_circuit.types import PatchType  # noqa: E402
-from auto_circuit.utils.ablation_activations import src_ablations  # noqa: E402
-from auto_circuit.utils.graph_utils import patch_mode, patchable_model, set_all_masks  # noqa: E402
-from auto_circuit.utils.tensor_ops import batch_answer_diffs  # noqa: E402
+from auto_circuit.data import PromptDataLoader, PromptDataset
+from auto_circuit.prune import run_circuits
+from auto_circuit.prune_algos.edge_attribution_patching import (
+    edge_attribution_patching_prune_scores,
+)
+from auto_circuit.prune_algos.mask_gradient import mask_gradient_prune_scores
+from auto_circuit.types import PatchType
+from auto_circuit.utils.ablation_activations import src_ablations
+from auto_circuit.utils.graph_utils import patch_mode, patchable_model, set_all_masks
+from auto_circuit.utils.tensor_ops import batch_answer_diffs
 
-import atpframework as af  # noqa: E402
+import atpframework as af
 
 PROMPTS = [
     {"clean": [1, 2, 3, 4, 5, 6], "noise": [1, 9, 3, 4, 11, 6], "answer": 3, "wrong_answer": 4},
@@ -78,13 +80,23 @@ PROMPTS = [
 SEQ_LEN = 6
 ARCHS = {
     **{k: v for k, v in ARCHITECTURES.items() if "n_key_value_heads" not in v},  # no GQA in auto-circuit
-    "rms_rotary_gated": dict(
-        normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8, gated_mlp=True, act_fn="silu", final_rms=True,
-    ),
-    "parallel_rotary": dict(parallel_attn_mlp=True, positional_embedding_type="rotary", rotary_dim=8),
+    "rms_rotary_gated": {
+        "normalization_type": "RMS", "positional_embedding_type": "rotary", "rotary_dim": 8, "gated_mlp": True, "act_fn": "silu", "final_rms": True,
+    },
+    "parallel_rotary": {"parallel_attn_mlp": True, "positional_embedding_type": "rotary", "rotary_dim": 8},
 }
 ATOL = 1e-5
-"""Absolute tolerance, float32 (observed max abs diff ~1e-6 on scores of order 1)."""
+"""Tolerance, float32, times max(1, largest |score|): observed max abs diff <= 1.2e-6 for EAP (scores up to ~14)
+and exactly 0 for the single-edge patches (the one-hot mask adds the same noise - clean difference)."""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """auto-circuit runs one small forward per edge: a single thread is many times faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _kinds(model):
@@ -172,40 +184,50 @@ def test_eap_equals_auto_circuit_edge_attribution_patching(arch):
         _compare(_as_ours(pm, ours, p, {k: -v for k, v in scores.items()}, None), f"{arch} pair {p}")
 
 
-def _exact_scores(pm, pair):
-    """Every edge's single-edge patch effect with auto-circuit's patching: clean input, one edge's source given
-    its corrupt output; the change in the logit difference at the last position."""
-    clean, corrupt = torch.tensor([pair["clean"]]), torch.tensor([pair["noise"]])
-    batch = next(iter(_loader(pair)))
-    patch_outs = src_ablations(pm, corrupt)
-    scores = pm.new_prune_scores()
+def _loader_all():
+    """Both prompt pairs in one batch (for the single-edge effects, read per prompt)."""
+    dataset = PromptDataset(
+        torch.tensor([p["clean"] for p in PROMPTS]), torch.tensor([p["noise"] for p in PROMPTS]),
+        [torch.tensor([p["answer"]]) for p in PROMPTS], [torch.tensor([p["wrong_answer"]]) for p in PROMPTS],
+    )
+    return PromptDataLoader(dataset, seq_len=SEQ_LEN, diverge_idx=0, batch_size=len(PROMPTS), shuffle=False)
+
+
+def _exact_scores(pm):
+    """Every edge's single-edge patch effect per prompt pair with auto-circuit's patching: the clean input with one
+    edge's source given its corrupt output; the change in the logit difference at the last position."""
+    batch = next(iter(_loader_all()))
+    patch_outs = src_ablations(pm, batch.corrupt)
+    scores = [pm.new_prune_scores() for _ in PROMPTS]
     with torch.inference_mode():
-        base = batch_answer_diffs(pm(clean)[pm.out_slice], batch).item()
+        base = batch_answer_diffs(pm(batch.clean)[pm.out_slice], batch)
         set_all_masks(pm, 0.0)
         with patch_mode(pm, patch_outs):
             # what ``patch_mode(pm, patch_outs, edges=[edge])`` does, without its scan over every edge per call
             for edge in pm.edges:
                 edge.patch_mask(pm).data[edge.patch_idx] = 1.0
-                effect = batch_answer_diffs(pm(clean)[pm.out_slice], batch).item() - base
+                effect = batch_answer_diffs(pm(batch.clean)[pm.out_slice], batch) - base
                 edge.patch_mask(pm).data[edge.patch_idx] = 0.0
-                scores[edge.dest.module_name][edge.patch_idx] = effect
+                for p, e in enumerate(effect.tolist()):
+                    scores[p][edge.dest.module_name][edge.patch_idx] = e
     return scores
 
 
 @pytest.mark.parametrize("seq_len", [None, SEQ_LEN], ids=["positions_summed", "per_position"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_exact_edge_patching_equals_auto_circuit(arch, seq_len):
-    ours = _ours(arch, {"name": "activation_patching", "nodes_per_pass": 16}, "all" if seq_len is None else "each")
-    for p, pair in enumerate(PROMPTS):
-        pm = _theirs(arch, seq_len)
-        _compare(_as_ours(pm, ours, p, _exact_scores(pm, pair), seq_len), f"{arch} seq_len={seq_len} pair {p}")
+    """Every edge of the graph (per position: the 660 edges of a 2-layer model at 6 positions)."""
+    ours = _ours(arch, {"name": "activation_patching", "nodes_per_pass": 256}, "all" if seq_len is None else "each")
+    pm = _theirs(arch, seq_len)
+    for p, theirs in enumerate(_exact_scores(pm)):
+        _compare(_as_ours(pm, ours, p, theirs, seq_len), f"{arch} seq_len={seq_len} pair {p}")
 
 
 def test_exact_edge_patching_equals_auto_circuit_run_circuits():
-    """A few edges through auto-circuit's circuit runner: patch exactly one edge (the top-scored) of the clean
-    run with the corrupt source outputs (``EDGE_PATCH`` with ``reverse_clean_corrupt``)."""
+    """Every 9th edge through auto-circuit's circuit runner: a one-hot prune score and one edge kept patches exactly
+    that edge of the clean run with the corrupt source outputs (``EDGE_PATCH`` with ``reverse_clean_corrupt``)."""
     arch = "ln_gelu_learned"
-    ours = _ours(arch, "activation_patching", "all")
+    ours = _ours(arch, {"name": "activation_patching", "nodes_per_pass": 256}, "all")
     pair = PROMPTS[1]
     pm = _theirs(arch, None)
     loader = _loader(pair)
