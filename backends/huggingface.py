@@ -232,10 +232,10 @@ class GPT2Adapter(ArchitectureAdapter):
     def qkv_projections(self, layer: int) -> Sequence[tuple[nn.Module, Mapping[str, Tensor]]]:
         n_heads, d_model = int(self.config.num_attention_heads), int(self.config.hidden_size)
         heads = torch.arange(d_model).view(n_heads, -1)  # c_attn's output splits into q | k | v, each head-major
-        return [(self.attention(layer).c_attn, {"q": heads, "k": heads + d_model, "v": heads + 2 * d_model})]
+        return [(getattr(self.attention(layer), "c_attn"), {"q": heads, "k": heads + d_model, "v": heads + 2 * d_model})]
 
     def output_projection(self, layer: int) -> nn.Module:
-        return self.attention(layer).c_proj
+        return getattr(self.attention(layer), "c_proj")
 
     def d_mlp(self) -> int:
         return int(self.config.n_inner if self.config.n_inner is not None else 4 * self.config.hidden_size)

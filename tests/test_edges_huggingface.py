@@ -202,6 +202,14 @@ def test_edge_scores_equal_the_transformer_lens_backend(family, method, model_di
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item(), msg=kind)
 
 
+def test_edge_scores_under_sdpa_equal_eager(model_dirs, backends):
+    path = model_dirs["qwen2"]
+    plan = make_plan(EDGE_NODES, method="atp", model={"source": str(path)})
+    a, b = af.run(plan, backend=_load(path, "sdpa")), af.run(plan, backend=backends["qwen2"][0])
+    for kind in EDGE_KINDS:
+        torch.testing.assert_close(a[kind].per_pair, b[kind].per_pair, rtol=1e-4, atol=1e-5 * b[kind].per_pair.abs().max().item())
+
+
 def test_edge_scores_of_a_disk_offloaded_layer_equal_the_undispatched_models(model_dirs, tmp_path):
     """Layer 1's weights live on disk (meta between forwards): the head results and per-head inputs are
     recomputed from weights accelerate loads for the recomputation, and put back afterwards."""
