@@ -41,7 +41,8 @@ def save_tiny_with_biases(path, family):
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    return {family: save_tiny_with_biases(tmp_path_factory.mktemp(f"hf_edges_{family}"), family) for family in [*EDGE_FAMILIES, "gemma2"]}
+    families = [*EDGE_FAMILIES, "gemma2"]
+    return {family: save_tiny_with_biases(tmp_path_factory.mktemp(f"hf_edges_{family}"), family) for family in families}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,8 @@ def test_edge_sites_are_served_read_like_transformer_lens_and_change_nothing_unp
     ours, theirs = backends[family]
     assert EDGE_SITES <= ours.supported_sites and ours.edges_unsupported is None
     if family != "llama":  # the projections' biases are part of what is checked
-        biases = [m.bias for m, _ in ours.adapter.qkv_projections(1)] + ([] if family == "qwen2" else [_ours_output_bias(ours, 1)])
+        biases = [m.bias for m, _ in ours.adapter.qkv_projections(1)]
+        biases += [] if family == "qwen2" else [_output_bias(ours, 1)]  # Qwen2's o_proj has no bias
         assert all(b.abs().min() > 0 for b in biases)
     assert ours.supported_sites == theirs.supported_sites
     sites = _edge_sites(ours)
@@ -83,11 +85,12 @@ def test_edge_sites_are_served_read_like_transformer_lens_and_change_nothing_unp
         torch.testing.assert_close(acts[site], reference[site], rtol=0, atol=1e-5, msg=str(site))
     for layer in range(info.n_layers):  # the heads' results plus the bias are the attention's write
         _, out = _capture(ours, TOKENS, [Site("attn_out", layer)])
-        bias = _ours_output_bias(ours, layer)
-        torch.testing.assert_close(acts[Site("attn_result", layer)].sum(2) + bias, out[Site("attn_out", layer)], rtol=0, atol=1e-5)
+        bias = _output_bias(ours, layer)
+        written = acts[Site("attn_result", layer)].sum(2) + bias
+        torch.testing.assert_close(written, out[Site("attn_out", layer)], rtol=0, atol=1e-5)
 
 
-def _ours_output_bias(backend, layer):
+def _output_bias(backend, layer):
     bias = getattr(backend.adapter.output_projection(layer), "bias", None)
     return 0.0 if bias is None else bias.detach()
 
@@ -134,8 +137,8 @@ def _capture_with(backend, hooks, sites):
 
 @pytest.mark.parametrize("family", EDGE_FAMILIES)
 def test_an_edge_patched_by_hand_gives_transformer_lens_logits(family, backends):
-    """The edge (block 0 head 2 -> block 1 query head 3 / MLP 1) patched as its definition says: the reader's
-    input gains the writer's noise - clean result, on one backend's activations, applied on both."""
+    """The edge from block 0 head 2 into block 1 query head 3 (into MLP 1, MLP 0) patched as its definition says:
+    the reader's input gains the writer's noise - clean result (from our activations), applied on both backends."""
     ours, theirs = backends[family]
     writer = Site("attn_result", 0)
     _, clean = _capture(ours, TOKENS, [writer])
