@@ -183,6 +183,14 @@ class ArchitectureAdapter:
         """The attention's output projection: its input is the heads' mixed values (``head d_head`` flattened)."""
         raise NotImplementedError
 
+    def rotary_embedding(self) -> nn.Module | None:
+        """The module computing the rotary ``(cos, sin)`` from ``(states, position_ids)``; None without rotary
+        embeddings (``positional_embedding != "rotary"``). The backend recomputes queries and keys with it
+        (``reader_projection``) through the modeling module's ``apply_rotary_pos_emb``."""
+        if self.positional_embedding == "rotary":
+            raise NotImplementedError
+        return None
+
     def edges_unsupported(self) -> str | None:
         """Why this model cannot serve the edge sites (``EDGE_SITES``), or None.
 
@@ -287,6 +295,9 @@ class LlamaAdapter(ArchitectureAdapter):
     def output_projection(self, layer: int) -> nn.Module:
         return getattr(self.attention(layer), "o_proj")
 
+    def rotary_embedding(self) -> nn.Module | None:
+        return self.model.model.rotary_emb
+
     def sliding_window(self, layer: int) -> int | None:
         attention: Any = self.attention(layer)
         if hasattr(attention, "sliding_window"):  # Qwen2, Gemma-2: per layer
@@ -330,6 +341,9 @@ class GPTNeoXAdapter(ArchitectureAdapter):
 
     def output_projection(self, layer: int) -> nn.Module:
         return getattr(self.attention(layer), "dense")
+
+    def rotary_embedding(self) -> nn.Module | None:
+        return self.model.gpt_neox.rotary_emb
 
     def d_head(self) -> int:
         return int(getattr(self.attention(0), "head_size"))
@@ -712,6 +726,35 @@ class HuggingFaceBackend(AbstractBackend):
             visible = visible & (key_pos > query_pos - window)
         return logits.masked_fill(~visible, float("-inf"))
 
+    def reader_projection_unsupported(self, layer: int) -> str | None:
+        if self.edges_unsupported:
+            return f"this model serves no edge sites ({self.edges_unsupported})"
+        try:
+            self.adapter.rotary_embedding()
+        except NotImplementedError:
+            return f"{type(self.adapter).__name__} does not locate the rotary embedding"
+        return None
+
+    def reader_projection(self, layer: int, reader: str, x: Tensor) -> Tensor:
+        """Queries or keys from per-head inputs as the attention module computes them: the input norm on each
+        head's copy, the head's slice of the projection, then the rotary embedding at positions ``0..pos-1``."""
+        reason = self.reader_projection_unsupported(layer)
+        if reason:
+            raise BackendError(reason)
+        if reader not in ("q", "k"):
+            raise ValueError(f"reader must be 'q' or 'k', got {reader!r}")
+        module, heads = next((m, columns[reader]) for m, columns in self.adapter.qkv_projections(layer) if reader in columns)
+        norm = self.adapter.attention_input_norm(layer)
+        states = _project_heads(module, heads, norm.forward(x))
+        rotary = self.adapter.rotary_embedding()
+        if rotary is None:
+            return states
+        positions = torch.arange(states.shape[1], device=states.device)[None]
+        cos, sin = rotary(states, positions)
+        apply_rotary = getattr(sys.modules[type(self.adapter.attention(layer)).__module__], "apply_rotary_pos_emb")
+        rotated, _ = apply_rotary(states, states, cos.to(states.device), sin.to(states.device), unsqueeze_dim=2)
+        return rotated
+
 
 # ----------------------------------------------------------------- hook factories
 def _replace_first_input(fns: list[SiteHook]) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
@@ -793,17 +836,22 @@ def _per_head_input_hook(
         for heads, fns in hooked.values():
             copies = x.unsqueeze(2).expand(*x.shape[:2], heads.shape[0], x.shape[-1]).contiguous()
             copies = apply_site_hooks(copies, fns)
-            normed = norm.forward(copies)  # the module's own forward (and accelerate's), not its hooks
-            with _weights_loaded(module, normed):
-                weight, bias = _weight_and_bias(module)
-                index = heads.to(weight.device)
-                projected = einsum(normed, weight[index], "batch pos head d_model, head d_head d_model -> batch pos head d_head")
-                if bias is not None:
-                    projected = projected + bias[index]
-            output = output.index_copy(-1, index.flatten().to(output.device), projected.flatten(-2).to(output.dtype))
+            projected = _project_heads(module, heads, norm.forward(copies))  # the norm's own forward, not its hooks
+            index = heads.flatten().to(output.device)
+            output = output.index_copy(-1, index, projected.flatten(-2).to(output.device, output.dtype))
         return output
 
     return hook
+
+
+def _project_heads(module: nn.Module, heads: Tensor, normed: Tensor) -> Tensor:
+    """``batch pos head d_head``: each head's output columns ``heads`` (``head d_head``) of the projection
+    ``module`` applied to that head's own normalized input ``normed`` (``batch pos head d_model``)."""
+    with _weights_loaded(module, normed):
+        weight, bias = _weight_and_bias(module)
+        index = heads.to(weight.device)
+        projected = einsum(normed, weight[index], "batch pos head d_model, head d_head d_model -> batch pos head d_head")
+        return projected if bias is None else projected + bias[index]
 
 
 def _head_results_hook(fns: list[SiteHook], n_heads: int) -> Callable[[nn.Module, Any, Tensor], Tensor]:

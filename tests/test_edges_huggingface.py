@@ -55,12 +55,6 @@ def _edge_sites(backend):
     return [Site(name, layer) for name in sorted(EDGE_SITES) for layer in range(backend.info.n_layers)]
 
 
-def _patching_serves_edges() -> bool:
-    from atpframework.methods import patching
-
-    return hasattr(patching, "edge_patch_delta")
-
-
 # ------------------------------------------------------------------ the sites
 @pytest.mark.parametrize("family", EDGE_FAMILIES)
 def test_edge_sites_are_served_read_like_transformer_lens_and_change_nothing_unpatched(family, backends):
@@ -187,14 +181,13 @@ def _gradients(backend, sites):
 
 
 # ------------------------------------------------------------------ edge scores
-METHODS = ["atp", "atp_graddrop", "activation_patching"]
+METHODS = ["activation_patching", "atp", "atp_graddrop", "atp_qkfix", "atp_star"]
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", EDGE_FAMILIES)
 def test_edge_scores_equal_the_transformer_lens_backend(family, method, model_dirs, backends):
-    if method == "activation_patching" and not _patching_serves_edges():
-        pytest.skip("activation patching of edges is not on this branch yet")
+    """Every edge kind: exact edge patching to 1e-5, first-order methods (the QK fix included) to 1e-4 relative."""
     ours, theirs = backends[family]
     nodes = [dict(n, name=n["kind"]) for n in EDGE_NODES]
     plan = make_plan(nodes, method=method, model={"source": str(model_dirs[family])})
@@ -202,7 +195,36 @@ def test_edge_scores_equal_the_transformer_lens_backend(family, method, model_di
     for kind in EDGE_KINDS:
         a, b = a_result[kind].per_pair, b_result[kind].per_pair
         assert a.abs().max() > 1e-3, kind
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item(), msg=kind)
+        if method == "activation_patching":
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=kind)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item(), msg=kind)
+
+
+@pytest.mark.parametrize("family", EDGE_FAMILIES)
+def test_reader_projection_computes_the_models_queries_and_keys(family, backends):
+    """From the clean per-head inputs: the queries and keys of an unhooked forward; from shifted inputs: those
+    of a forward with the shifted inputs patched in (after rotary embeddings, grouped keys kept grouped)."""
+    ours, theirs = backends[family]
+    layer = 1
+    inputs = [Site("attn_q_input", layer), Site("attn_k_input", layer)]
+    outputs = [Site("attn_q", layer), Site("attn_k", layer)]
+    _, x = _capture(ours, TOKENS, inputs)
+    _, unhooked = _capture(ours, TOKENS, outputs)  # the model's own projection path
+    shift = torch.randn(x[inputs[0]].shape[-1], generator=torch.Generator().manual_seed(3))
+    for reader, site, out in zip("qk", inputs, outputs):
+        assert ours.reader_projection_unsupported(layer) is None
+        with torch.no_grad():
+            clean = ours.reader_projection(layer, reader, x[site])
+            moved_x = x[site].clone()
+            moved_x[:, 2:5, 0] += shift
+            moved = ours.reader_projection(layer, reader, moved_x)
+            reference = theirs.reader_projection(layer, reader, moved_x)
+        torch.testing.assert_close(clean, unhooked[out], rtol=0, atol=1e-5, msg=reader)
+        _, patched = _capture_with(ours, {site: [lambda a, v=moved_x: v]}, [out])
+        assert (moved - clean).abs().max() > 1e-2
+        torch.testing.assert_close(moved, patched[out], rtol=0, atol=1e-5, msg=reader)
+        torch.testing.assert_close(moved, reference, rtol=0, atol=1e-5, msg=reader)
 
 
 def test_edge_scores_under_sdpa_equal_eager(model_dirs, backends):
@@ -242,6 +264,24 @@ def test_gemma2_plans_with_edges_are_refused_naming_the_site(kind, model_dirs, b
         af.run(plan, backend=ours)
     with pytest.raises(BackendError, match=r"cannot hook site 'attn_result' on this model: Gemma-2's norms"):
         ours.forward(TOKENS, {Site("attn_result", 0): [lambda a: None]})
+
+
+def test_reader_projection_is_refused_without_edges_or_without_the_rotary_embedding(model_dirs, backends):
+    gemma2 = backends["gemma2"][0]
+    assert "no edge sites" in gemma2.reader_projection_unsupported(0)
+    with pytest.raises(BackendError, match="Gemma-2"):
+        gemma2.reader_projection(0, "q", torch.zeros(1, 2, 4, 32))
+
+    class RotaryNotLocated(LlamaAdapter):
+        rotary_embedding = ArchitectureAdapter.rotary_embedding
+
+    backend = _load(model_dirs["llama"])
+    backend.adapter = RotaryNotLocated(backend.model)
+    assert "RotaryNotLocated does not locate the rotary embedding" in backend.reader_projection_unsupported(0)
+    plan = make_plan([{"kind": "edge_q", "layers": [1]}], method="atp_qkfix")
+    with pytest.raises(af.PlanError, match="recomputes the queries and keys of edges into layer 1"):
+        af.run(plan, backend=backend)
+    assert af.run(dict(plan, method={"name": "atp"}), backend=backend)["edge_q"].per_pair.abs().max() > 0
 
 
 def test_projections_the_backend_cannot_slice_leave_the_edge_sites_out(model_dirs):
