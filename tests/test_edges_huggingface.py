@@ -319,9 +319,10 @@ def test_an_adapter_that_does_not_locate_the_attention_modules_serves_no_edges(m
 
 # ------------------------------------------------------------------ the bundled model
 @pytest.mark.smollm2
-def test_bundled_smollm2_edge_atp_scores_equal_the_transformer_lens_backend():
-    """SmolLM2-135M (Llama, grouped-query attention) on one IOI pair: edges into queries, keys and values of two
-    layers, into an MLP and into the logits, at the last position."""
+def test_bundled_smollm2_edge_scores_equal_the_transformer_lens_backend():
+    """SmolLM2-135M (Llama, grouped-query attention) on one IOI pair, ``atp`` and ``atp_qkfix`` (the QK fix through
+    ``reader_projection``): edges into queries of two layers, keys and values of one, an MLP and the logits,
+    at the last position."""
     pytest.importorskip("gguf")
     from test_smollm2 import IOI
 
@@ -336,11 +337,14 @@ def test_bundled_smollm2_edge_atp_scores_equal_the_transformer_lens_backend():
     plan = {"model": {"source": source}, "prompts": [IOI], "nodes": nodes, "method": {"name": "atp"}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tl = af.run(plan)
-        hf = af.run(dict(plan, model={"source": source, "backend": "huggingface"}))
-    for name in ("q", "k", "v", "mlp", "logits"):
-        a, b = tl[name].per_pair, hf[name].per_pair
-        assert a.abs().max() > 1e-3, name
-        diff = (a - b).abs().max().item()
-        print(f"{name}: max |score| {a.abs().max().item():.4g}, max abs diff {diff:.3g}")  # shown with pytest -rP
-        assert diff <= 1e-4 * a.abs().max().item(), name
+        tl = af.load_backend(af.as_plan(plan))
+        hf = af.load_backend(af.as_plan(dict(plan, model={"source": source, "backend": "huggingface"})))
+    for method in ("atp", "atp_qkfix"):
+        method_plan = dict(plan, method={"name": method})
+        ours, theirs = af.run(method_plan, backend=hf), af.run(method_plan, backend=tl)
+        for name in ("q", "k", "v", "mlp", "logits"):
+            a, b = theirs[name].per_pair, ours[name].per_pair
+            assert a.abs().max() > 1e-3, name
+            diff = (a - b).abs().max().item()
+            print(f"{method} {name}: max |score| {a.abs().max().item():.4g}, max abs diff {diff:.3g}")  # pytest -rP shows it
+            assert diff <= 1e-4 * a.abs().max().item(), (method, name)
