@@ -47,7 +47,9 @@ How sites are served:
       cannot serve edges (``edges_unsupported``): Gemma-2 normalizes each sublayer's output, so a head's
       result is not its residual write and every edge site is left out (as in TransformerLens); an adapter
       that does not locate the modules leaves them out too. The backend's ``edges_unsupported`` holds the
-      reason, and plans with edges are refused when they compile.
+      reason, and plans with edges are refused when they compile. ``reader_projection`` (the QK fix on
+      edges) computes queries and keys from per-head inputs the same way, then applies the model's own
+      rotary embedding (``rotary_embedding`` on the adapter) with its modeling file's ``apply_rotary_pos_emb``.
 
 Multi-device models (accelerate ``device_map``) need nothing special here: each hook runs on the
 device of its module, and input ids go to the input embedding's execution device.
