@@ -22,6 +22,34 @@ How sites are served:
       under ``atpf_sites|<original>``, which runs the site hooks (layout ``batch pos head d_head``,
       keys and values with ``n_kv_heads`` heads), calls the original function (eager or sdpa), and
       runs the ``attn_z`` hooks on its output. The original names are restored in ``finally``.
+    * Edge sites (``EDGE_SITES``; hooks installed only for the blocks and sites a pass hooks, so other
+      passes run the model unchanged):
+        - ``mlp_input``: forward pre-hook on the norm feeding the MLP; the hooks run on a clone of its
+          input (the residual stream after attention, or the block input in parallel blocks) and the norm
+          reads what they return. The skip connection keeps the original, so only the MLP sees a patch and
+          the gradient there is the MLP's own.
+        - ``attn_result``: forward hook on the attention output projection (``o_proj``, GPT-2's ``c_proj``,
+          NeoX's ``dense``). It recomputes each head's result ``z_h @ W_O^h`` (no bias) from the
+          projection's input and weight (``batch pos head d_model``), runs the hooks, and returns their
+          sum over heads plus the bias in place of the projection's output.
+        - ``attn_q_input`` / ``attn_k_input`` / ``attn_v_input``: a pre-hook on the attention input norm
+          keeps the block input ``x``; a forward hook on each projection that computes queries, keys or
+          values (``q_proj``/``k_proj``/``v_proj``, GPT-2's fused ``c_attn``, NeoX's fused, head-interleaved
+          ``query_key_value``) builds one copy of ``x`` per head (``n_kv_heads`` copies for keys and
+          values), runs the hooks on the copies, applies the norm to each copy (the norm's own ``forward``,
+          not its hooks) and replaces that kind's output columns by each head's slice of the weight (and
+          bias) applied to its own normalized copy. Replacing one head's copy therefore changes only that
+          head's query (key, value).
+      The recomputation matches the unhooked model to float rounding (logits within 1.3e-6 on the tiny test models).
+      Projections must be exactly ``nn.Linear`` or ``Conv1D`` (quantized layers are not sliced); weights
+      an accelerate hook offloaded are loaded for the recomputation through that hook. Adapters locate the
+      modules (``attention_input_norm``, ``qkv_projections``, ``output_projection``) and say why a model
+      cannot serve edges (``edges_unsupported``): Gemma-2 normalizes each sublayer's output, so a head's
+      result is not its residual write and every edge site is left out (as in TransformerLens); an adapter
+      that does not locate the modules leaves them out too. The backend's ``edges_unsupported`` holds the
+      reason, and plans with edges are refused when they compile. ``reader_projection`` (the QK fix on
+      edges) computes queries and keys from per-head inputs the same way, then applies the model's own
+      rotary embedding (``rotary_embedding`` on the adapter) with its modeling file's ``apply_rotary_pos_emb``.
 
 Multi-device models (accelerate ``device_map``) need nothing special here: each hook runs on the
 device of its module, and input ids go to the input embedding's execution device.
@@ -32,7 +60,8 @@ otherwise modified. The only global change is the one-time registration of the w
 """
 
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -52,7 +81,7 @@ from atpframework.model.backend import (
     start_hooks,
 )
 from atpframework.model.bundled import BUNDLED_PREFIX, bundled_model_dir
-from atpframework.model.sites import SITE_NAMES, Site
+from atpframework.model.sites import EDGE_SITES, SITE_NAMES, Site
 
 from .tl_hook_names import resolve_hook_names
 from .tokenizers import decode_each, tokenize_text, tokenizer_adds_bos, usable_tokenizer
@@ -64,6 +93,8 @@ _OPTIONS = {"attn_implementation": _ATTN_IMPLEMENTATIONS, "device_map": _DEVICE_
 """Option -> allowed values, the first the default."""
 _HOOKED_PREFIX = "atpf_sites|"
 _ATTENTION_SITES = frozenset({"attn_q", "attn_k", "attn_v", "attn_z"})
+_HEAD_INPUT_SITES = {"q": "attn_q_input", "k": "attn_k_input", "v": "attn_v_input"}
+"""Query/key/value -> the site holding each of its heads' own copy of the block input."""
 
 
 # ----------------------------------------------------------------- architecture adapters
@@ -139,6 +170,47 @@ class ArchitectureAdapter:
         """Why the backend cannot serve this model faithfully under ``implementation``, or None."""
         return None
 
+    # edges: each head's own input and each head's result (module docstring)
+    def attention_input_norm(self, layer: int) -> nn.Module:
+        """The norm whose output the query/key/value projections read; its input is the block input."""
+        raise NotImplementedError
+
+    def qkv_projections(self, layer: int) -> Sequence[tuple[nn.Module, Mapping[str, Tensor]]]:
+        """The modules that project the attention input norm's output to queries, keys and values, each with
+        the output columns it computes for them: ``"q"``/``"k"``/``"v"`` -> ``head d_head`` column indices
+        (query heads; key/value heads, ``n_kv_heads`` of them)."""
+        raise NotImplementedError
+
+    def output_projection(self, layer: int) -> nn.Module:
+        """The attention's output projection: its input is the heads' mixed values (``head d_head`` flattened)."""
+        raise NotImplementedError
+
+    def rotary_embedding(self) -> nn.Module | None:
+        """The module computing the rotary ``(cos, sin)`` from ``(states, position_ids)``; None without rotary
+        embeddings (``positional_embedding != "rotary"``). The backend recomputes queries and keys with it
+        (``reader_projection``) through the modeling module's ``apply_rotary_pos_emb``."""
+        if self.positional_embedding == "rotary":
+            raise NotImplementedError
+        return None
+
+    def edges_unsupported(self) -> str | None:
+        """Why this model cannot serve the edge sites (``EDGE_SITES``), or None.
+
+        Default: they are served when the adapter locates the attention input norm and the projections
+        above, and the projections are ``nn.Linear`` or transformers' ``Conv1D`` (whose weights the backend
+        slices per head). An architecture where a head's result is not its write to the residual stream
+        (a norm after the sublayer) must say so here."""
+        try:
+            for layer in range(len(self.layers())):
+                self.attention_input_norm(layer)
+                modules = [self.output_projection(layer), *(module for module, _ in self.qkv_projections(layer))]
+                for module in modules:
+                    if type(module) not in _sliceable_projections():
+                        return f"{type(module).__name__} projections (edges slice nn.Linear or Conv1D weights per head)"
+        except NotImplementedError:
+            return f"{type(self).__name__} does not locate the attention input norm and projections that edges need"
+        return None
+
 
 class GPT2Adapter(ArchitectureAdapter):
     """GPT-2: LayerNorm, learned positions, ``Conv1D`` projections, sequential blocks."""
@@ -163,6 +235,17 @@ class GPT2Adapter(ArchitectureAdapter):
 
     def mlp_write(self, layer: int) -> nn.Module:
         return self.layers()[layer].mlp
+
+    def attention_input_norm(self, layer: int) -> nn.Module:
+        return self.layers()[layer].ln_1
+
+    def qkv_projections(self, layer: int) -> Sequence[tuple[nn.Module, Mapping[str, Tensor]]]:
+        n_heads, d_model = int(self.config.num_attention_heads), int(self.config.hidden_size)
+        heads = torch.arange(d_model).view(n_heads, -1)  # c_attn's output splits into q | k | v, each head-major
+        return [(getattr(self.attention(layer), "c_attn"), {"q": heads, "k": heads + d_model, "v": heads + 2 * d_model})]
+
+    def output_projection(self, layer: int) -> nn.Module:
+        return getattr(self.attention(layer), "c_proj")
 
     def d_mlp(self) -> int:
         return int(self.config.n_inner if self.config.n_inner is not None else 4 * self.config.hidden_size)
@@ -199,6 +282,24 @@ class LlamaAdapter(ArchitectureAdapter):
     def mlp_write(self, layer: int) -> nn.Module:
         return self.layers()[layer].mlp
 
+    def attention_input_norm(self, layer: int) -> nn.Module:
+        return self.layers()[layer].input_layernorm
+
+    def qkv_projections(self, layer: int) -> Sequence[tuple[nn.Module, Mapping[str, Tensor]]]:
+        attention: Any = self.attention(layer)
+        d_head = self.d_head()
+        return [
+            (attention.q_proj, {"q": torch.arange(attention.q_proj.out_features).view(-1, d_head)}),
+            (attention.k_proj, {"k": torch.arange(attention.k_proj.out_features).view(-1, d_head)}),
+            (attention.v_proj, {"v": torch.arange(attention.v_proj.out_features).view(-1, d_head)}),
+        ]
+
+    def output_projection(self, layer: int) -> nn.Module:
+        return getattr(self.attention(layer), "o_proj")
+
+    def rotary_embedding(self) -> nn.Module | None:
+        return self.model.model.rotary_emb
+
     def sliding_window(self, layer: int) -> int | None:
         attention: Any = self.attention(layer)
         if hasattr(attention, "sliding_window"):  # Qwen2, Gemma-2: per layer
@@ -230,6 +331,22 @@ class GPTNeoXAdapter(ArchitectureAdapter):
     def mlp_write(self, layer: int) -> nn.Module:
         return self.layers()[layer].mlp
 
+    def attention_input_norm(self, layer: int) -> nn.Module:
+        return self.layers()[layer].input_layernorm
+
+    def qkv_projections(self, layer: int) -> Sequence[tuple[nn.Module, Mapping[str, Tensor]]]:
+        d_head = self.d_head()
+        # query_key_value's output is head-major, each head's q | k | v together
+        base = torch.arange(int(self.config.num_attention_heads))[:, None] * 3 * d_head + torch.arange(d_head)
+        module = getattr(self.attention(layer), "query_key_value")
+        return [(module, {"q": base, "k": base + d_head, "v": base + 2 * d_head})]
+
+    def output_projection(self, layer: int) -> nn.Module:
+        return getattr(self.attention(layer), "dense")
+
+    def rotary_embedding(self) -> nn.Module | None:
+        return self.model.gpt_neox.rotary_emb
+
     def d_head(self) -> int:
         return int(getattr(self.attention(0), "head_size"))
 
@@ -248,6 +365,9 @@ class Gemma2Adapter(LlamaAdapter):
 
     def mlp_write(self, layer: int) -> nn.Module:
         return self.layers()[layer].post_feedforward_layernorm
+
+    def edges_unsupported(self) -> str | None:
+        return "Gemma-2's norms after each sublayer (a head's result is not its write to the residual stream)"
 
 
 ARCHITECTURE_GROUP = plugins.GROUPS["hf_architectures"]
@@ -360,7 +480,11 @@ class HuggingFaceBackend(AbstractBackend):
         config = model.config
         param = next(model.parameters())
         parallel = self.adapter.parallel_blocks()
-        self.supported_sites = frozenset(SITE_NAMES) - ({"resid_mid"} if parallel else set())
+        self.edges_unsupported = self.adapter.edges_unsupported()
+        """Why the edge sites are left out of ``supported_sites`` on this model, or None when they are served."""
+        self.supported_sites = (
+            frozenset(SITE_NAMES) - ({"resid_mid"} if parallel else set()) - (EDGE_SITES if self.edges_unsupported else set())
+        )
         self.info = ModelInfo(
             source=source,
             architecture=str((getattr(config, "architectures", None) or [type(model).__name__])[0]),
@@ -496,7 +620,8 @@ class HuggingFaceBackend(AbstractBackend):
 
     def _check_site(self, site: Site) -> None:
         if site.name not in self.supported_sites:
-            raise BackendError(f"the huggingface backend cannot hook site {site.name!r}")
+            why = f" on this model: {self.edges_unsupported}" if site.name in EDGE_SITES and self.edges_unsupported else ""
+            raise BackendError(f"the huggingface backend cannot hook site {site.name!r}{why}")
         top = self.info.n_layers if site.name == "resid" else self.info.n_layers - 1
         if not 0 <= site.layer <= top:
             raise BackendError(f"site {site}: layer out of range 0..{top}")
@@ -531,6 +656,26 @@ class HuggingFaceBackend(AbstractBackend):
                 handles.append(adapter.down_projection(layer).register_forward_pre_hook(_replace_first_input(fns("mlp_post", layer))))
             if fns("mlp_out", layer):
                 handles.append(adapter.mlp_write(layer).register_forward_hook(_residual_write_hook(fns("mlp_out", layer))))
+            self._install_edge_hooks(layer, fns, handles)
+
+    def _install_edge_hooks(self, layer: int, fns: Callable[[str, int], list[SiteHook]], handles: list[Any]) -> None:
+        """Hooks for the edge sites of block ``layer`` (module docstring); nothing when none is hooked."""
+        adapter = self.adapter
+        if fns("mlp_input", layer):
+            handles.append(adapter.mlp_input_norm(layer).register_forward_pre_hook(_own_copy_hook(fns("mlp_input", layer))))
+        if fns("attn_result", layer):
+            projection = adapter.output_projection(layer)
+            handles.append(projection.register_forward_hook(_head_results_hook(fns("attn_result", layer), self.info.n_heads)))
+        head_inputs = {kind: fns(site, layer) for kind, site in _HEAD_INPUT_SITES.items()}
+        if not any(head_inputs.values()):
+            return
+        norm = adapter.attention_input_norm(layer)
+        block_input: dict[str, Tensor] = {}
+        handles.append(norm.register_forward_pre_hook(_keep_first_input(block_input)))
+        for module, columns in adapter.qkv_projections(layer):
+            hooked = {kind: (heads, head_inputs[kind]) for kind, heads in columns.items() if head_inputs[kind]}
+            if hooked:
+                handles.append(module.register_forward_hook(_per_head_input_hook(norm, block_input, hooked)))
 
     def _attention_site_hooks(self, by_site: Mapping[Site, list[SiteHook]]) -> dict[nn.Module, _AttentionSiteHooks]:
         result: dict[nn.Module, _AttentionSiteHooks] = {}
@@ -583,6 +728,35 @@ class HuggingFaceBackend(AbstractBackend):
             visible = visible & (key_pos > query_pos - window)
         return logits.masked_fill(~visible, float("-inf"))
 
+    def reader_projection_unsupported(self, layer: int) -> str | None:
+        if self.edges_unsupported:
+            return f"this model serves no edge sites ({self.edges_unsupported})"
+        try:
+            self.adapter.rotary_embedding()
+        except NotImplementedError:
+            return f"{type(self.adapter).__name__} does not locate the rotary embedding"
+        return None
+
+    def reader_projection(self, layer: int, reader: str, x: Tensor) -> Tensor:
+        """Queries or keys from per-head inputs as the attention module computes them: the input norm on each
+        head's copy, the head's slice of the projection, then the rotary embedding at positions ``0..pos-1``."""
+        reason = self.reader_projection_unsupported(layer)
+        if reason:
+            raise BackendError(reason)
+        if reader not in ("q", "k"):
+            raise ValueError(f"reader must be 'q' or 'k', got {reader!r}")
+        module, heads = next((m, columns[reader]) for m, columns in self.adapter.qkv_projections(layer) if reader in columns)
+        norm = self.adapter.attention_input_norm(layer)
+        states = _project_heads(module, heads, norm.forward(x))
+        rotary = self.adapter.rotary_embedding()
+        if rotary is None:
+            return states
+        positions = torch.arange(states.shape[1], device=states.device)[None]
+        cos, sin = rotary(states, positions)
+        apply_rotary = getattr(sys.modules[type(self.adapter.attention(layer)).__module__], "apply_rotary_pos_emb")
+        rotated, _ = apply_rotary(states, states, cos.to(states.device), sin.to(states.device), unsqueeze_dim=2)
+        return rotated
+
 
 # ----------------------------------------------------------------- hook factories
 def _replace_first_input(fns: list[SiteHook]) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
@@ -629,6 +803,104 @@ def _residual_write_hook(
         return (written, *output[1:]) if isinstance(output, tuple) else written
 
     return hook
+
+
+def _own_copy_hook(fns: list[SiteHook]) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
+    """Pre-hook on a module that alone reads its input (the norm feeding the MLP): ``fns`` run on a copy of
+    the input, so the gradient there is this reader's own, and the module reads what they return."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (apply_site_hooks(args[0].clone(), fns), *args[1:])
+
+    return hook
+
+
+def _keep_first_input(store: dict[str, Tensor]) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+    """Pre-hook keeping the module's first input (the attention input norm's: the block input)."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        store["input"] = args[0]
+
+    return hook
+
+
+def _per_head_input_hook(
+    norm: nn.Module, block_input: Mapping[str, Tensor], hooked: Mapping[str, tuple[Tensor, list[SiteHook]]]
+) -> Callable[[nn.Module, Any, Tensor], Tensor]:
+    """Forward hook on a query/key/value projection: the output columns of each hooked kind are recomputed
+    per head from that head's own copy of the block input (``batch pos head d_model``, after the site
+    hooks), normalized by ``norm`` and projected by the head's rows of the weight (plus bias).
+
+    ``hooked``: kind -> (``head d_head`` output columns, the site hooks of its ``attn_*_input`` site)."""
+
+    def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+        x = block_input["input"]
+        for heads, fns in hooked.values():
+            copies = x.unsqueeze(2).expand(*x.shape[:2], heads.shape[0], x.shape[-1]).contiguous()
+            copies = apply_site_hooks(copies, fns)
+            projected = _project_heads(module, heads, norm.forward(copies))  # the norm's own forward, not its hooks
+            index = heads.flatten().to(output.device)
+            output = output.index_copy(-1, index, projected.flatten(-2).to(output.device, output.dtype))
+        return output
+
+    return hook
+
+
+def _project_heads(module: nn.Module, heads: Tensor, normed: Tensor) -> Tensor:
+    """``batch pos head d_head``: each head's output columns ``heads`` (``head d_head``) of the projection
+    ``module`` applied to that head's own normalized input ``normed`` (``batch pos head d_model``)."""
+    with _weights_loaded(module, normed):
+        weight, bias = _weight_and_bias(module)
+        index = heads.to(weight.device)
+        projected = einsum(normed, weight[index], "batch pos head d_model, head d_head d_model -> batch pos head d_head")
+        return projected if bias is None else projected + bias[index]
+
+
+def _head_results_hook(fns: list[SiteHook], n_heads: int) -> Callable[[nn.Module, Any, Tensor], Tensor]:
+    """Forward hook on the attention output projection: ``fns`` run on each head's result (``batch pos head
+    d_model``, its mixed values times its slice of the weight, no bias) and the projection returns their sum
+    over heads plus the bias."""
+
+    def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+        mixed = args[0]
+        with _weights_loaded(module, mixed):
+            weight, bias = _weight_and_bias(module)  # d_model (head d_head)
+            per_head = weight.view(weight.shape[0], n_heads, -1)
+            heads = mixed.view(*mixed.shape[:-1], n_heads, -1)
+            result = einsum(heads, per_head, "batch pos head d_head, d_model head d_head -> batch pos head d_model")
+        written = apply_site_hooks(result, fns).sum(2)
+        return written if bias is None else written + bias
+
+    return hook
+
+
+def _sliceable_projections() -> tuple[type, ...]:
+    """Projection classes whose weights ``_weight_and_bias`` reads (exact types: quantized subclasses are not)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
+
+
+def _weight_and_bias(module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """``out in`` weight and bias of a linear projection (transformers' ``Conv1D`` stores it ``in out``)."""
+    weight, bias = module.weight, getattr(module, "bias", None)
+    assert isinstance(weight, Tensor) and (bias is None or isinstance(bias, Tensor))
+    return (weight if isinstance(module, nn.Linear) else weight.T), bias
+
+
+@contextmanager
+def _weights_loaded(module: nn.Module, *args: Any) -> Iterator[None]:
+    """Make ``module``'s weights usable in a hook after its forward: accelerate offloads them to the meta
+    device between forwards (its hook loads them for a forward and puts them back after)."""
+    dispatch = getattr(module, "_hf_hook", None)
+    if dispatch is None or not any(p.device.type == "meta" for p in module.parameters(recurse=False)):
+        yield
+        return
+    dispatch.pre_forward(module, *args)
+    try:
+        yield
+    finally:
+        dispatch.post_forward(module, None)
 
 
 def _pass_hidden_states_through(hidden_states: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:

@@ -58,7 +58,7 @@ QK fix for queries, keys one at a time, and keys patched jointly (``positions: "
 upstream writer's delta . the reader input's gradient, ``edges.edge_effects``), or the QK fix for edges
 into queries, keys, and keys at every position at once (each writer's delta added to the reader's clean
 input, its query or key recomputed, the softmax exact: ``_AttentionCache.edge_effect``)."""
-EDGE_QK_MODES = {"q": "edge_query", "k": "edge_key"}
+EDGE_QK_MODES: dict[str, Mode] = {"q": "edge_query", "k": "edge_key"}
 
 
 @dataclass(frozen=True)
@@ -143,8 +143,8 @@ class FirstOrder(AbstractMethod[ConfigT]):
             for layer in sorted({layer for entry in b.layers.entries for layer in entry}):
                 site = b.site(layer)
                 if isinstance(b.node, EdgeNode) and self.qk_fix and b.node.reader in EDGE_QK_MODES:
-                    mode = "edge_joint" if b.node.reader == "k" and _all_positions(b) else EDGE_QK_MODES[b.node.reader]
-                    contributors[Site("attn_z", layer)].append((b, mode))
+                    edge_mode: Mode = "edge_joint" if b.node.reader == "k" and _all_positions(b) else EDGE_QK_MODES[b.node.reader]
+                    contributors[Site("attn_z", layer)].append((b, edge_mode))
                     qk_layers.add(layer)
                     edge_inputs.add(site)
                 elif isinstance(b.node, EdgeNode):
