@@ -378,3 +378,37 @@ def test_keep_top_stores_the_largest_edges_and_the_dry_run_counts_real_edges():
     assert "edge_mlp (edge_mlp on site mlp_input): 22 nodes, 15 of them real edges" in text
     assert "edge_logits (edge_logits on site resid): 11 nodes, 11 of them real edges" in text
     assert "edge_scores" in text
+
+
+@pytest.mark.parametrize("method", [{"name": "atp_ig", "steps": 2}, {"name": "atp_star"}])
+def test_edge_plans_run_from_the_command_line_on_both_backends(tmp_path, hf_dir, method):
+    """``atpf PLAN.json`` on a Hugging Face directory with the huggingface backend, against ``af.run`` with the
+    transformer_lens backend on the same weights; ``--dry-run`` names the edge passes."""
+    import json
+
+    from click.testing import CliRunner
+
+    from atpframework.cli import main
+
+    import transformers
+
+    model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir)
+    with torch.no_grad():  # weights scaled up so that effects are not tiny
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(8)
+    model.save_pretrained(tmp_path / "model")
+    hf_dir = tmp_path / "model"
+    plan = make_plan(af.edge_selections(positions="each"), method, prompts=PROMPTS)
+    plan["model"] = {"source": str(hf_dir), "backend": "huggingface"}
+    plan["output"] = str(tmp_path / "edges.safetensors")
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    dry = CliRunner().invoke(main, [str(tmp_path / "plan.json"), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "real edges" in dry.output and "edge_scores" in dry.output
+    done = CliRunner().invoke(main, [str(tmp_path / "plan.json"), "-q"])
+    assert done.exit_code == 0, (done.output, done.stderr)
+    hf = af.load_result(tmp_path / "edges.safetensors")
+    tl = af.run(dict(plan, model={"source": str(hf_dir), "backend": "transformer_lens"}, output=None), progress=False)
+    for kind in ("edge_q", "edge_k", "edge_v", "edge_mlp", "edge_logits"):
+        _assert_close(hf[kind].per_pair, tl[kind].per_pair, f"{method['name']} {kind}", rtol=1e-4)
