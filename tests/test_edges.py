@@ -412,3 +412,17 @@ def test_edge_plans_run_from_the_command_line_on_both_backends(tmp_path, hf_dir,
     tl = af.run(dict(plan, model={"source": str(hf_dir), "backend": "transformer_lens"}, output=None), progress=False)
     for kind in ("edge_q", "edge_k", "edge_v", "edge_mlp", "edge_logits"):
         _assert_close(hf[kind].per_pair, tl[kind].per_pair, f"{method['name']} {kind}", rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["atp", "atp_star"])
+def test_position_chunks_give_the_unchunked_edge_scores(method):
+    from test_chunking import _assert_same, _budget_for, _pairs
+
+    model = tiny_model(**ARCHITECTURES["rms_rotary_gqa_gated"])
+    nodes = [{"kind": "edge_q"}, {"kind": "edge_k"}, {"kind": "edge_v", "positions": [1, -1]}, {"kind": "edge_mlp"}, {"kind": "edge_logits"}]
+    plan = make_plan(nodes, method, prompts=_pairs(2), batch_size=1)
+    unchunked = af.run(plan, model=model, progress=False)
+    chunked_plan = {**plan, "max_memory": _budget_for(plan, model, 1, 3)}
+    compiled = af.compile(chunked_plan, model=model)
+    assert compiled.chunking.positions_per_chunk == 3 and "position chunks" in compiled.explain()
+    _assert_same(af.run(chunked_plan, model=model, progress=False), unchunked, ["edge_q", "edge_k", "edge_v", "edge_mlp", "edge_logits"], tol=1e-5)

@@ -190,6 +190,15 @@ class FirstOrder(AbstractMethod[ConfigT]):
                 tables += 2.25 * heads * t * positions + 4 * t * heads * d_head
             if "joint" in modes:
                 tables += t * heads * d_head
+            # edges: per writer, the same tables (kept for every layer while GradDrop's terms reuse them;
+            # without GradDrop one layer's at a time, in blocks of WRITER_BLOCK writers)
+            writers = writer_count(info) if layout.active else min(WRITER_BLOCK, writer_count(info))
+            if "edge_query" in modes:
+                tables += writers * positions * heads * d_head
+            if "edge_key" in modes:
+                tables += writers * (5 * heads * t * positions + 2 * t * heads * d_head)
+            if "edge_joint" in modes:
+                tables += writers * t * heads * d_head
         transient = 4 * heads * t * t + 16 * heads * ROW_BLOCK * t if layout.qk_layers else 0
         kept_grads = len({layout.terms[i].cotangent for i in layout.active}) * t * info.d_model
         per_term = [
@@ -594,6 +603,9 @@ class _AttentionCache:
             for modes in self.modes.values():
                 modes.discard("joint")
         self.layers: dict[int, _LayerTables] = {}
+        self.edge_tables: dict[tuple[str, int], list[tuple[int, Tensor | KeyPatch]]] = {}
+        """QK fix for edges: per (mode, layer), the writer blocks' tables (``_edge_tables``)."""
+        self.keep_edge_tables = bool(layout.active)
 
     def _layer(self, layer: int) -> _LayerTables:
         if layer in self.layers:
@@ -631,7 +643,8 @@ class _AttentionCache:
 
     def edge_effect(self, mode: Mode, layer: int, dz: Tensor, writer_delta: Tensor, clean_input: Tensor, n_writers: int) -> Tensor:
         """QK fix for edges into the queries or keys of ``layer``: each writer's delta added to the reader's clean
-        input, its query (key) recomputed by the backend, the attention softmax recomputed exactly.
+        input, its query (key) recomputed by the backend, the attention softmax recomputed exactly, then
+        linearized after the pattern with the gradient ``dz`` at ``z``.
 
         Args:
             dz: ``batch query head d_head``, the gradient at ``z``.
@@ -640,14 +653,39 @@ class _AttentionCache:
         Returns:
             ``batch chunk head writer`` (``batch 1 kv_head writer`` for ``edge_joint``), writers past the delta's padded with 0.
         """
+        key = (mode, layer)
+        tables = self.edge_tables.get(key)
+        if tables is None:
+            tables = self._edge_tables(mode, layer, writer_delta, clean_input)
+            if self.keep_edge_tables:  # GradDrop: every term's gradient reuses them
+                self.edge_tables[key] = tables
+        dz = _upcast(dz)
+        parts = []
+        for n, table in tables:
+            dz_rows = dz.repeat_interleave(n, dim=0)
+            if isinstance(table, KeyPatch):
+                effect = key_effects(table, dz_rows)  # (batch writer) chunk kv_head
+            elif mode == "edge_joint":
+                effect = joint_key_effects(table, dz_rows, self._group(layer))[:, None]
+            else:
+                effect = (table * take_positions(dz_rows, self.positions)).sum(-1)  # (batch writer) chunk head
+            parts.append(rearrange(effect, "(batch writer) chunk head -> batch chunk head writer", batch=dz.shape[0]))
+        return torch.nn.functional.pad(torch.cat(parts, dim=-1), (0, n_writers - writer_delta.shape[2]))
+
+    def _group(self, layer: int) -> int:
+        """Query heads per key/value head at ``layer``."""
+        return self.values[Site("attn_q", layer)].shape[2] // self.values[Site("attn_k", layer)].shape[2]
+
+    def _edge_tables(self, mode: Mode, layer: int, writer_delta: Tensor, clean_input: Tensor) -> list[tuple[int, Tensor | KeyPatch]]:
+        """Per block of ``WRITER_BLOCK`` writers (rows ``(batch writer)``): ``z' - z`` of the recomputed query rows
+        (``edge_query``), the key closed form's tables (``edge_key``) or ``z' - z`` with every key shifted
+        (``edge_joint``): gradient-independent, so one layer's serve every GradDrop term."""
         backend, positions = self.run.backend, self.positions
         reader = "q" if mode == "edge_query" else "k"
         q, k, v = (_upcast(self.values[Site(name, layer)]) for name in ("attn_q", "attn_k", "attn_v"))
-        n_batch, n_up = writer_delta.shape[0], writer_delta.shape[2]
-        dz = _upcast(dz)
-        parts = []
+        out: list[tuple[int, Tensor | KeyPatch]] = []
         with torch.no_grad():
-            for lo in range(0, n_up, WRITER_BLOCK):
+            for lo in range(0, writer_delta.shape[2], WRITER_BLOCK):
                 block = writer_delta[:, :, lo : lo + WRITER_BLOCK]
                 n = block.shape[2]
 
@@ -662,18 +700,17 @@ class _AttentionCache:
                     shifted[:, positions.to(shifted.device)] += shift.to(shifted.dtype)
                 moved = _upcast(backend.reader_projection(layer, reader, shifted))
                 clean = clean_attention(backend.attention_logits(layer, repeat(q), repeat(k)), repeat(v))
+                table: Tensor | KeyPatch
                 if mode == "edge_query":
                     logits = backend.attention_logits(layer, _with_positions(repeat(q), take_positions(moved, positions), positions), repeat(k))
-                    dzq = query_delta_z(clean, take_positions(logits, positions, dim=2), positions)
-                    effect = (dzq * take_positions(repeat(dz), positions)).sum(-1)  # (batch writer) chunk head
+                    table = query_delta_z(clean, take_positions(logits, positions, dim=2), positions)
                 elif mode == "edge_key":
                     logits = backend.attention_logits(layer, repeat(q), _with_positions(repeat(k), take_positions(moved, positions), positions))
-                    effect = key_effects(key_patch(clean, logits, positions), repeat(dz))  # (batch writer) chunk kv_head
+                    table = key_patch(clean, logits, positions)
                 else:
-                    joint = joint_key_delta_z(clean, backend.attention_logits(layer, repeat(q), moved))
-                    effect = joint_key_effects(joint, repeat(dz), clean.group)[:, None]  # (batch writer) 1 kv_head
-                parts.append(rearrange(effect, "(batch writer) chunk head -> batch chunk head writer", batch=n_batch))
-        return torch.nn.functional.pad(torch.cat(parts, dim=-1), (0, n_writers - n_up))
+                    table = joint_key_delta_z(clean, backend.attention_logits(layer, repeat(q), moved))
+                out.append((n, table))
+        return out
 
     def joint_effect(self, layer: int, dz: Tensor) -> Tensor:
         """``batch kv_head``: effect of patching every key of each key/value head at once."""
@@ -685,6 +722,8 @@ class _AttentionCache:
         """Forget the layers at or above ``layer``."""
         for cached in [l for l in self.layers if l >= layer]:
             del self.layers[cached]
+        for key in [key for key in self.edge_tables if key[1] >= layer]:
+            del self.edge_tables[key]
 
 
 def _keep_detached(store: dict[Site, Tensor], site: Site, positions: Tensor | None, act: Tensor) -> None:
