@@ -184,6 +184,8 @@ LAYERS = [
     ("methods", ["methods", "methods.base", "methods.atp", "methods.patching", "methods.baselines", "methods.ig"]),
     ("engine", ["engine", "engine.runner", "engine.checks", "engine.checkpoint", "engine.outputs", "engine.distributed"]),
     ("python api", ["api"]),
+    ("tasks", ["tasks", "tasks.base", "tasks.forward", "tasks.ioi", "tasks.city", "tasks.greater_than", "tasks.counting",
+               "tasks.rand_pp", "tasks.report", "tasks.registry"]),
     ("analysis", ["analysis", "analysis.verify", "analysis.recall", "analysis.compare", "analysis.plots", "analysis.report", "analysis.session", "analysis.figure_data", "analysis.figures", "analysis.circuits"]),
     ("entry points", ["cli", "testing", "__init__", "__main__"]),
 ]
