@@ -443,3 +443,19 @@ def test_atpf_compare_measures_faithfulness_on_edge_plans(tmp_path, hf_dir):
     (tmp_path / "heads.json").write_text(json.dumps(heads))
     assert_usage_error(invoke("compare", tmp_path / "heads.json", "--methods", "atp", "--faithfulness", "2", "--out", tmp_path / "o2", "-q"),
                        "faithfulness", "edges")
+
+
+def test_an_evaluator_serves_the_results_of_other_methods_with_their_own_rankings():
+    model = tiny_model()
+    plan = make_plan([{"kind": k, "positions": "all"} for k in KINDS])
+    atp = af.run(plan, model=model, progress=False)
+    star = af.run(dict(plan, method={"name": "atp_star"}), model=model, progress=False)
+    evaluator = CircuitEvaluator(atp, model=model)
+    shared = af.circuit_faithfulness(star, [1, 2, 4], evaluator=evaluator, progress=False)
+    own = af.circuit_faithfulness(star, [1, 2, 4], model=model, progress=False)
+    assert [c.tolist() for c in shared.circuits] == [c.tolist() for c in own.circuits]
+    torch.testing.assert_close(shared.faithfulness, own.faithfulness)
+    assert [c.tolist() for c in shared.circuits] != [c.tolist() for c in af.circuit_faithfulness(atp, [1, 2, 4], evaluator=evaluator, progress=False).circuits]
+    other = af.run(dict(plan, nodes=[{"kind": k, "positions": "each"} for k in KINDS]), model=model, progress=False)
+    with pytest.raises(af.PlanError, match="evaluator"):
+        af.circuit_faithfulness(other, [1], evaluator=evaluator, progress=False)

@@ -696,7 +696,8 @@ def circuit_faithfulness(
         backend: an already loaded backend to patch on (default: load the plan's model).
         model: a model object to patch on instead of loading the plan's ``model.source``.
         saes: SAE objects for the plan's ``saes`` entries without a path or release, by name.
-        evaluator: a ``CircuitEvaluator`` of this result to reuse (its backend and options win).
+        evaluator: a ``CircuitEvaluator`` to reuse (its backend and options win), of this result or of another result
+            of the same edges and prompts (another method's): the circuits are ``result``'s, the patching the evaluator's.
         progress: ``True``: a progress bar on stderr; ``False``: none; a callable: called with the circuits done.
     """
     started = time.perf_counter()
@@ -704,7 +705,9 @@ def circuit_faithfulness(
     if evaluator is None:
         evaluator = CircuitEvaluator(result, backend=backend, model=model, saes=saes, circuits_per_pass=circuits_per_pass,
                                      unscored=unscored)
-    edges = evaluator.edges
+    edges = evaluator.edges if evaluator.result is result else ResultEdges(result)
+    if edges.n_nodes != evaluator.edges.n_nodes or result.plan["prompts"] != evaluator.result.plan["prompts"]:
+        raise PlanError("evaluator: it patches another plan's edges or prompts than this result's")
     asked = sorted(set(_check_sizes(list(sizes), "sizes"))) if sizes is not None else default_sizes(edges.n_edges)
     asked = sorted({min(s, edges.n_edges) for s in asked})
     if greedy:
