@@ -124,7 +124,7 @@ def test_unknown_backend_lists_installed_backends():
 
 
 def test_unknown_method_lists_method_names():
-    with pytest.raises(PlanError, match=r"method: .*'nope'.*'atp', 'atp_qkfix', 'atp_graddrop', 'atp_star', 'activation_patching'"):
+    with pytest.raises(PlanError, match=r"method: .*'nope'.*'atp', 'atp_qkfix', 'atp_graddrop', 'atp_star', 'atp_ig', 'activation_patching'"):
         af.parse_plan(with_changes(method={"name": "nope"}))
 
 
