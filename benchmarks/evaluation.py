@@ -17,8 +17,9 @@ Options:
   (``attn_q+attn_k+attn_v``).
 * ``--methods``: names separated by commas, options after colons: ``atp_ig:steps=10``, ``subsampling:samples=512``.
 * Subsets of nodes where exact patching of all is unaffordable (stated in the output): ``--layers``
-  (``each``, a list ``0,10,20`` or ``every:N`` from layer 0), ``--positions`` (``each``, ``all`` or a list such as
-  ``-1``), for MLP neurons ``--neurons N`` (N neuron indices drawn with ``--seed``, the same in every layer) and
+  (``each``, a list ``0,10,20`` or ``every:N`` from layer 0), ``--positions`` (``each``, ``all``, a list such as
+  ``-1``, or ``differing``: from the first position where some pair's clean and noise tokens differ, since earlier
+  nodes have effect 0 and gradient scores 0), for MLP neurons ``--neurons N`` (N neuron indices drawn with ``--seed``, the same in every layer) and
   ``--mlp-positions``. With ``positions`` ``each`` (the default), every pair of a task has the same token length:
   the pairs of the most common length among ``8 x --pairs`` drawn.
 * ``--fn-k K --fn-factor F``: a false negative is a true top-K node ranked below F*K (defaults 10 and 10).
@@ -39,7 +40,15 @@ from typing import Any
 import torch
 
 import atpframework as af
-from atpframework.analysis.evaluation import DEFAULT_KS, TaskEvaluation, equal_length_pairs, evaluate, markdown, plot_group
+from atpframework.analysis.evaluation import (
+    DEFAULT_KS,
+    TaskEvaluation,
+    differing_positions,
+    equal_length_pairs,
+    evaluate,
+    markdown,
+    plot_group,
+)
 from atpframework.analysis.plots import PlotDependencyError
 from atpframework.io.files import write_text_atomically
 from atpframework.model.backend import AbstractBackend
@@ -71,8 +80,9 @@ def parse_methods(text: str) -> list[dict[str, Any]]:
 
 
 def parse_index_list(text: str, field: str, n_layers: int | None = None) -> str | list[int]:
-    """``each`` / ``all`` / ``0,10,20`` / ``every:N`` (layers only) as a plan selection."""
-    if text in ("each", "all"):
+    """``each`` / ``all`` / ``differing`` (positions only: resolved per task) / ``0,10,20`` / ``every:N`` (layers only)
+    as a plan selection."""
+    if text in ("each", "all") or (text == "differing" and n_layers is None):
         return text
     if text.startswith("every:"):
         if n_layers is None:
@@ -91,8 +101,6 @@ def node_groups(text: str, layers: Any, positions: Any, mlp_positions: Any, neur
         selections = []
         for kind in group.split("+"):
             sel: dict[str, Any] = {"kind": kind, "layers": layers, "positions": positions}
-            if kind == "resid" and isinstance(layers, list):
-                sel["layers"] = layers
             if kind == "mlp_neuron":
                 sel["positions"] = mlp_positions
                 if neurons is not None:
@@ -239,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         positions = parse_index_list(args.positions, "positions")
         mlp_positions = parse_index_list(args.mlp_positions, "mlp-positions") if args.mlp_positions else positions
         neurons = sorted(random.Random(args.seed).sample(range(backend.info.d_mlp), args.neurons)) if args.neurons else None
-        groups = node_groups(args.nodes, layers, positions, mlp_positions, neurons)
-        every_position = positions == "each" or (mlp_positions == "each" and "mlp_neuron" in args.nodes)
+        per_position = {"each", "differing"}
+        every_position = positions in per_position or (mlp_positions in per_position and "mlp_neuron" in args.nodes)
         for name in args.tasks.split(","):
             if name not in TASKS:
                 raise SystemExit(f"--tasks: unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
@@ -248,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
             pairs = (equal_length_pairs(name, args.pairs, args.seed, backend) if every_position
                      else get_task(name).pairs(args.pairs, args.seed, backend=backend))
             log(f"{name}: {len(pairs)} pairs drawn in {time.perf_counter() - drawn:.1f} s")
+            differing = differing_positions(pairs, backend) if "differing" in (positions, mlp_positions) else None
+            if differing is not None:
+                log(f"{name}: positions {differing[0]}..{differing[-1]} (the first difference of clean and noise onwards)")
+            groups = node_groups(args.nodes, layers, differing if positions == "differing" else positions,
+                                 differing if mlp_positions == "differing" else mlp_positions, neurons)
             evaluations.append(evaluate(name, pairs, groups, methods, backend, model_source=args.model, **common))
         model_label = args.model
 

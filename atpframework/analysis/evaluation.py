@@ -345,6 +345,24 @@ def equal_length_pairs(task: str | Task, n_pairs: int, seed: int, backend: Abstr
     return kept[:n_pairs]
 
 
+def differing_positions(pairs: Sequence[Mapping[str, Any]], backend: AbstractBackend) -> list[int]:
+    """The positions from the first at which some pair's clean and noise tokens differ, to the end, for pairs of one
+    token length (``equal_length_pairs``); tokenized as plans tokenize them (the model's default BOS).
+
+    A causal model's activations at earlier positions are the same in the clean and the noise run, so their nodes
+    have an exact effect of 0 and every gradient method scores them 0: leaving them out changes no ranking of
+    the nodes that matter, and saves their exact patching. A ``PlanError`` at ``pairs`` for pairs of several lengths."""
+    tokens = [[backend.tokenize(t, None) if isinstance(t, str) else list(t) for t in (p["clean"], p["noise"])] for p in pairs]
+    lengths = {len(t) for both in tokens for t in both}
+    if len(lengths) != 1:
+        raise PlanError(f"pairs: positions from the first difference need pairs of one token length (got lengths {sorted(lengths)})")
+    length = lengths.pop()
+    first = min((next((i for i, (a, b) in enumerate(zip(clean, noise)) if a != b), length) for clean, noise in tokens), default=length)
+    if first == length:
+        raise PlanError("pairs: every pair's clean and noise tokens are the same; no node has an effect")
+    return list(range(first, length))
+
+
 # ------------------------------------------------------------------------------------------ evaluate
 def _spec(entry: str | Mapping[str, Any]) -> dict[str, Any]:
     return {"name": entry} if isinstance(entry, str) else dict(entry)
@@ -416,8 +434,8 @@ def evaluate(
         progress: progress bars on stderr.
     """
     groups = _check_groups(groups)
-    pairs = [dict(p) for p in pairs]
-    if not pairs:
+    prompts = [dict(p) for p in pairs]
+    if not prompts:
         raise PlanError("pairs: expected at least one prompt pair")
     for value, name, low in ((k_max, "k_max", 1), (fn_k, "fn_k", 1), (fn_factor, "fn_factor", 1), (batch_size, "batch_size", 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -428,7 +446,7 @@ def evaluate(
         raise PlanError("methods: expected at least one method")
     say = log or (lambda line: None)
     selections = [sel for sels in groups.values() for sel in sels]
-    base = {"model": {"source": model_source}, "prompts": pairs, "metric": {"name": "logit_diff"}, "nodes": selections,
+    base = {"model": {"source": model_source}, "prompts": prompts, "metric": {"name": "logit_diff"}, "nodes": selections,
             "batch_size": batch_size}
 
     def plan_for(spec: Mapping[str, Any], nodes: list[dict[str, Any]] | None = None, batch: int | None = None) -> dict[str, Any]:
@@ -495,7 +513,7 @@ def evaluate(
             method_evals.append(MethodEvaluation(label, spec, cost, costs, rel, curve, fn_single, fn_dist, diagnosis))
         evaluations.append(GroupEvaluation(task, group, kinds, effects.shape[1], len(pairs), k_single, k_dist, gt_cost,
                                            fn_k, fn_factor, method_evals))
-    return TaskEvaluation(task, pairs, truth.metric_clean, truth.metric_noise, evaluations, wall, results)
+    return TaskEvaluation(task, prompts, truth.metric_clean, truth.metric_noise, evaluations, wall, results)
 
 
 def _own_cost(plan: dict[str, Any], backend: AbstractBackend) -> float:
@@ -606,8 +624,9 @@ def markdown(evaluations: Sequence[TaskEvaluation], ks: Sequence[int] = (1, 10))
     lines = []
     for ev in evaluations:
         walls = ", ".join(f"{label} {seconds:.1f} s" for label, seconds in ev.wall_s.items())
-        lines += [f"## {ev.task}", "", f"{len(ev.pairs)} pairs; clean logit diff {_mean_std(ev.metric_clean)}, noise "
-                  f"{_mean_std(ev.metric_noise)}. Wall time: {walls}.", ""]
+        summary = (f"{len(ev.pairs)} pairs; clean logit diff {_mean_std(ev.metric_clean)}, noise "
+                   f"{_mean_std(ev.metric_noise)}. Wall time: {walls}.")
+        lines += [f"## {ev.task}", "", summary, ""]
         for g in ev.groups:
             lines += [f"### {g.title}", "", g.table(ks)]
             missed = [(m.name, fn) for m in g.methods for fn in m.distributional_fn]
