@@ -222,6 +222,9 @@ def test_explain_miss_tells_the_reasons_apart():
     assert explain_miss("attn_v", effect, _t(0.05), refs) == ("atp_close",)
     # the method's own score is not small: crowded out by overestimates
     assert explain_miss("attn_v", effect, _t(1.5), refs) == ("crowded_out",)
+    # a baseline that patches sets jointly: its underestimate is its own, whatever the gradients say
+    assert explain_miss("attn_v", effect, _t(0.05), refs, joint=True) == ("joint_patching",)
+    assert explain_miss("attn_v", effect, _t(1.5), refs, joint=True) == ("crowded_out",)
     # over pairs: closeness is mean |x - effect| against mean |effect|
     assert explain_miss("attn_q", _t(1.0, -1.0), _t(0.0, 0.0), {"atp": _t(0.0, 0.0), "atp_qkfix": _t(1.0, -0.2)}) == (
         "attention_saturation",)

@@ -52,7 +52,10 @@ QK_KINDS = frozenset({"attn_q", "attn_k", "edge_q", "edge_k"})
 BATCH_COUPLED = frozenset({"hierarchical"})
 """Methods whose per-pair scores depend on the other pairs of their batch."""
 
-REASONS = ("attention_saturation", "cancellation", "nonlinearity", "atp_close", "crowded_out", "unexplained")
+JOINT_PATCHING = frozenset({"subsampling", "blocks", "hierarchical"})
+"""The exact-patching baselines: they score nodes from sets of nodes patched jointly."""
+
+REASONS = ("attention_saturation", "cancellation", "nonlinearity", "atp_close", "joint_patching", "crowded_out", "unexplained")
 """The false-negative reasons ``explain_miss`` gives, in the order the first applicable one is reported."""
 
 DEFAULT_KS = (1, 5, 10, 20, 50, 100)
@@ -274,7 +277,8 @@ class TaskEvaluation:
 
 
 # ------------------------------------------------------------------------------------------ reasons
-def explain_miss(kind: str, effect: Tensor, own: Tensor, references: Mapping[str, Tensor], tolerance: float = 0.5) -> tuple[str, ...]:
+def explain_miss(kind: str, effect: Tensor, own: Tensor, references: Mapping[str, Tensor], tolerance: float = 0.5,
+                 joint: bool = False) -> tuple[str, ...]:
     """Why a method missed a node, as far as reference estimates tell: every reason that applies, first the one to report.
 
     ``effect``: the node's exact effect on each pair (``pair``, signed; one entry in the single-pair setting).
@@ -285,6 +289,9 @@ def explain_miss(kind: str, effect: Tensor, own: Tensor, references: Mapping[str
 
     * ``crowded_out``: the method's own score is not small; other nodes were ranked above it by overestimates
       (reported alone);
+    * ``joint_patching`` (``joint``: a baseline that patches sets of nodes jointly, ``JOINT_PATCHING``): its
+      estimate is small: sampling noise, or members of a patched set that cancel or interact (reported alone;
+      the gradient reasons below do not describe such a method);
     * ``attention_saturation``: a query or key node whose ``atp_qkfix`` estimate is close while ``atp``'s is not;
     * ``cancellation``: ``atp``'s estimate is small and ``atp_graddrop``'s score is not (dropping a residual write
       uncovers an effect that paths of opposite sign cancelled in the gradient);
@@ -300,6 +307,8 @@ def explain_miss(kind: str, effect: Tensor, own: Tensor, references: Mapping[str
     size = float(effect.abs().mean())
     if float(own.detach().double().abs().mean()) >= (1 - tolerance) * size:
         return ("crowded_out",)
+    if joint:
+        return ("joint_patching",)
 
     def get(name: str) -> Tensor | None:
         x = references.get(name)
@@ -503,8 +512,9 @@ def evaluate(
                                  for p in range(len(pairs))])
             rel = torch.tensor([relative_cost(c) for c in costs], dtype=torch.float64)
             curve = recall_curve(label, effects.abs().mean(0), s_dist.abs().mean(0), cost, k_dist)
-            fn_single = _single_fns(effects, s_single, ref_scores, node_kind, node_label, fn_k, fn_factor, tolerance)
-            fn_dist = _distributional_fns(effects, s_dist, ref_scores, node_kind, node_label, fn_k, fn_factor, tolerance)
+            joint = spec["name"] in JOINT_PATCHING
+            fn_single = _single_fns(effects, s_single, ref_scores, node_kind, node_label, fn_k, fn_factor, tolerance, joint)
+            fn_dist = _distributional_fns(effects, s_dist, ref_scores, node_kind, node_label, fn_k, fn_factor, tolerance, joint)
             diagnosis = None
             if diagnose_samples is not None:
                 say(f"{task}: diagnose {label} on {group}")
@@ -571,24 +581,25 @@ def _misses(effects: Tensor, scores: Tensor, fn_k: int, fn_factor: int) -> list[
 
 
 def _single_fns(effects: Tensor, scores: Tensor, refs: Mapping[str, Tensor], kind: Callable[[int], str],
-                label: Callable[[int], str], fn_k: int, fn_factor: int, tolerance: float) -> list[FalseNegative]:
+                label: Callable[[int], str], fn_k: int, fn_factor: int, tolerance: float, joint: bool) -> list[FalseNegative]:
     out = []
     for p in range(effects.shape[0]):
         for node, true_rank, method_rank in _misses(effects[p], scores[p], fn_k, fn_factor):
             estimates = {name: float(r[p, node]) for name, r in refs.items()}
             reasons = explain_miss(kind(node), effects[p, node : node + 1], scores[p, node : node + 1],
-                                   {name: r[p, node : node + 1] for name, r in refs.items()}, tolerance)
+                                   {name: r[p, node : node + 1] for name, r in refs.items()}, tolerance, joint)
             out.append(FalseNegative(p, node, label(node), kind(node), true_rank, method_rank, float(effects[p, node]),
                                      float(scores[p, node]), estimates, reasons))
     return out
 
 
 def _distributional_fns(effects: Tensor, scores: Tensor, refs: Mapping[str, Tensor], kind: Callable[[int], str],
-                        label: Callable[[int], str], fn_k: int, fn_factor: int, tolerance: float) -> list[FalseNegative]:
+                        label: Callable[[int], str], fn_k: int, fn_factor: int, tolerance: float, joint: bool) -> list[FalseNegative]:
     out = []
     for node, true_rank, method_rank in _misses(effects.abs().mean(0), scores.abs().mean(0), fn_k, fn_factor):
         estimates = {name: float(r[:, node].abs().mean()) for name, r in refs.items()}
-        reasons = explain_miss(kind(node), effects[:, node], scores[:, node], {name: r[:, node] for name, r in refs.items()}, tolerance)
+        reasons = explain_miss(kind(node), effects[:, node], scores[:, node], {name: r[:, node] for name, r in refs.items()},
+                               tolerance, joint)
         out.append(FalseNegative(None, node, label(node), kind(node), true_rank, method_rank, float(effects[:, node].abs().mean()),
                                  float(scores[:, node].abs().mean()), estimates, reasons))
     return out
