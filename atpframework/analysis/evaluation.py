@@ -231,7 +231,7 @@ class GroupEvaluation:
             cells.append(f"{counts['single_pairs_with_fn']}/{self.n_pairs}{_by_reason(counts['single_by_reason'])}")
             cells.append(f"{counts['distributional_fn']}{_by_reason(counts['distributional_by_reason'])}")
             rows.append("| " + " | ".join(cells) + " |")
-        note = (f"{self.n_nodes} nodes ({', '.join(self.kinds)}), {self.n_pairs} prompt pairs; ground truth: exact patching, "
+        note = (f"{self.n_nodes} nodes ({', '.join(self.kinds)}), {self.n_pairs} prompt pair(s); ground truth: exact patching, "
                 f"{self.ground_truth_cost:g} forward passes per pair. Costs are forward passes per pair (backward = 2); "
                 f"RelCost over k = 1..{self.k_single} (single) and 1..{self.k_distributional} (distributional). "
                 f"FN: true top-{self.fn_k} nodes ranked below {self.fn_k * self.fn_factor}; single: pairs with at least one.")
@@ -635,7 +635,7 @@ def markdown(evaluations: Sequence[TaskEvaluation], ks: Sequence[int] = (1, 10))
     lines = []
     for ev in evaluations:
         walls = ", ".join(f"{label} {seconds:.1f} s" for label, seconds in ev.wall_s.items())
-        summary = (f"{len(ev.pairs)} pairs; clean logit diff {_mean_std(ev.metric_clean)}, noise "
+        summary = (f"{len(ev.pairs)} pair(s); clean logit diff {_mean_std(ev.metric_clean)}, noise "
                    f"{_mean_std(ev.metric_noise)}. Wall time: {walls}.")
         lines += [f"## {ev.task}", "", summary, ""]
         for g in ev.groups:
