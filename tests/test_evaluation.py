@@ -156,7 +156,7 @@ def test_single_pair_curves_and_relcost_match_a_hand_computation(tiny_evaluation
         g = next(x for x in ev.groups if x.group == group)
         effects = torch.cat([truth[n].per_pair.flatten(1) for n in names], 1).double()
         for m in g.methods:
-            result = ev.results["hierarchical:single" if m.name == "hierarchical" else m.name]
+            result = ev.results[f"hierarchical:single ({group})" if m.name == "hierarchical" else m.name]
             scores = torch.cat([result[n].per_pair.flatten(1) for n in names], 1).double()
             rels = []
             for p in range(len(pairs)):
@@ -167,7 +167,7 @@ def test_single_pair_curves_and_relcost_match_a_hand_computation(tiny_evaluation
             q1, median, q3 = np.percentile(rels, [25, 50, 75])
             assert (m.relcost.q1, m.relcost.median, m.relcost.q3) == pytest.approx((q1, median, q3), rel=1e-12)
             # distributional: one ranking by mean |score| against mean |effect|
-            dist = ev.results[m.name]
+            dist = ev.results[f"hierarchical ({group})" if m.name == "hierarchical" else m.name]
             mean_scores = torch.cat([dist[n].per_pair.flatten(1) for n in names], 1).double().abs().mean(0)
             costs = hand_costs(effects.abs().mean(0).tolist(), mean_scores.tolist(), m.cost, g.k_distributional)
             assert m.distributional.costs.tolist() == costs
@@ -181,16 +181,19 @@ def test_single_pair_curves_and_relcost_match_a_hand_computation(tiny_evaluation
             assert {(fn.pair, fn.node) for fn in m.single_fn} == expected
 
 
-def test_hierarchical_runs_pair_by_pair_in_the_single_pair_setting(tiny_evaluation):
+def test_hierarchical_runs_pair_by_pair_and_group_by_group(tiny_evaluation):
+    """Its single-pair run equals a run of that pair alone, on the group's nodes alone (joint patches never mix groups)."""
     backend, pairs, ev = tiny_evaluation
     import atpframework as af
 
     alone = af.run({"model": {"source": "in_memory"}, "prompts": [pairs[2]], "metric": {"name": "logit_diff"},
-                    "nodes": [{"kind": "attn_head"}, {"kind": "attn_q"}, {"kind": "attn_k"}],
+                    "nodes": [{"kind": "attn_q"}, {"kind": "attn_k"}],
                     "method": {"name": "hierarchical", "budget": 16}}, backend=backend, progress=False)
-    torch.testing.assert_close(ev.results["hierarchical:single"]["attn_q"].per_pair[2], alone["attn_q"].per_pair[0])
-    assert ev.results["hierarchical"] is not ev.results["hierarchical:single"]
-    assert ev.results["atp"] is not None and "atp:single" not in ev.results
+    torch.testing.assert_close(ev.results["hierarchical:single (qk)"]["attn_q"].per_pair[2], alone["attn_q"].per_pair[0])
+    assert set(ev.results["hierarchical:single (qk)"].nodes) == {"attn_q", "attn_k"}
+    assert set(ev.results["hierarchical (heads)"].nodes) == {"attn_head"}
+    assert len(ev.results["hierarchical (qk)"].metric_clean) == len(pairs)
+    assert set(ev.results["atp"].nodes) == {"attn_head", "attn_q", "attn_k"} and "atp:single" not in ev.results
 
 
 def test_own_costs_are_those_of_the_groups_nodes_alone(tiny_evaluation):

@@ -17,8 +17,10 @@ other selections or on batching), then, per group:
   (``atpframework.analysis.verify.diagnose``) reports after verifying the method's top ``fn_factor * fn_k``.
 
 The own cost of a method in a group is that of a run of the group's selections alone (``AbstractMethod.cost``,
-forward passes per pair). ``hierarchical`` decides per batch of pairs, so it runs twice: one pair per batch
-for the single-pair setting, all pairs in one batch for the distributional one.
+forward passes per pair). The baselines that patch sets of nodes jointly (``JOINT_PATCHING``) run once per
+group, on its selections alone, since their sets would otherwise mix the groups. ``hierarchical`` decides per
+batch of pairs, so it runs twice: one pair per batch for the single-pair setting, all pairs in one batch for the
+distributional one.
 """
 
 import json
@@ -261,9 +263,10 @@ class TaskEvaluation:
     metric_noise: Tensor
     groups: list[GroupEvaluation]
     wall_s: dict[str, float]
-    """Wall time of each run (the ground truth and each method, references included; over every group at once)."""
+    """Wall time of each run, by the labels of ``results``."""
     results: dict[str, AttributionResult] = field(repr=False)
-    """The runs' results by label (``ground_truth``, each method's name, ``reference:<name>``, ``<name>:single``)."""
+    """The runs' results by label: ``ground_truth``, each method's label, ``reference:<name>``; for the joint-patching
+    baselines one per group, ``<label> (<group>)``, and for ``hierarchical`` also ``<label>:single (<group>)``."""
 
     def as_json(self, ks: Sequence[int]) -> dict[str, Any]:
         return {
@@ -474,14 +477,18 @@ def evaluate(
     truth = timed("ground_truth", plan_for(GROUND_TRUTH))
     labels = _labels(methods)
     specs = [_spec(m) for m in methods]
-    distributional: dict[str, AttributionResult] = {}
-    single: dict[str, AttributionResult] = {}
-    for label, spec in zip(labels, specs):
+
+    def method_runs(label: str, spec: dict[str, Any], nodes: list[dict[str, Any]] | None = None,
+                    where: str = "") -> tuple[AttributionResult, AttributionResult]:
+        """The runs of the single-pair and the distributional setting (the same run unless batches couple pairs)."""
         if spec["name"] in BATCH_COUPLED:
-            single[label] = timed(f"{label}:single", plan_for(spec, batch=1))
-            distributional[label] = timed(label, plan_for(spec, batch=len(pairs)))
-        else:
-            single[label] = distributional[label] = timed(label, plan_for(spec))
+            return (timed(f"{label}:single{where}", plan_for(spec, nodes, batch=1)),
+                    timed(f"{label}{where}", plan_for(spec, nodes, batch=len(pairs))))
+        shared = timed(f"{label}{where}", plan_for(spec, nodes))
+        return shared, shared
+
+    # one run over every selection, except for the baselines that patch sets jointly: their sets would mix groups
+    runs = {label: method_runs(label, spec) for label, spec in zip(labels, specs) if spec["name"] not in JOINT_PATCHING}
     references: dict[str, AttributionResult] = {}
     if explain:
         has_qk = any(sel["kind"] in QK_KINDS for sel in selections)
@@ -489,7 +496,7 @@ def evaluate(
             if name == "atp_qkfix" and not has_qk:
                 continue
             mine = next((lab for lab, s in zip(labels, specs) if s["name"] == name), None)
-            references[name] = distributional[mine] if mine is not None else timed(f"reference:{name}", plan_for({"name": name}))
+            references[name] = runs[mine][1] if mine is not None else timed(f"reference:{name}", plan_for({"name": name}))
 
     evaluations = []
     for group, sels in groups.items():
@@ -507,19 +514,19 @@ def evaluate(
         method_evals = []
         for label, spec in zip(labels, specs):
             cost = _own_cost(plan_for(spec, sels, batch=1 if spec["name"] in BATCH_COUPLED else None), backend)
-            s_single, s_dist = _per_pair(single[label], names), _per_pair(distributional[label], names)
+            joint = spec["name"] in JOINT_PATCHING
+            single, dist = method_runs(label, spec, sels, f" ({group})") if joint else runs[label]
+            s_single, s_dist = _per_pair(single, names), _per_pair(dist, names)
             costs = torch.stack([verified_recall_cost(effects[p], ranking_from_scores(s_single[p]), cost, k_single)
                                  for p in range(len(pairs))])
             rel = torch.tensor([relative_cost(c) for c in costs], dtype=torch.float64)
             curve = recall_curve(label, effects.abs().mean(0), s_dist.abs().mean(0), cost, k_dist)
-            joint = spec["name"] in JOINT_PATCHING
             fn_single = _single_fns(effects, s_single, ref_scores, node_kind, node_label, fn_k, fn_factor, tolerance, joint)
             fn_dist = _distributional_fns(effects, s_dist, ref_scores, node_kind, node_label, fn_k, fn_factor, tolerance, joint)
             diagnosis = None
             if diagnose_samples is not None:
                 say(f"{task}: diagnose {label} on {group}")
-                diagnosis = _diagnosis(plan_for(spec, sels, batch=len(pairs) if spec["name"] in BATCH_COUPLED else None),
-                                       backend, fn_k * fn_factor, diagnose_samples, fn_dist, effects)
+                diagnosis = _diagnosis(dist if joint else plan_for(spec, sels), backend, fn_k * fn_factor, diagnose_samples, fn_dist, effects)
             method_evals.append(MethodEvaluation(label, spec, cost, costs, rel, curve, fn_single, fn_dist, diagnosis))
         evaluations.append(GroupEvaluation(task, group, kinds, effects.shape[1], len(pairs), k_single, k_dist, gt_cost,
                                            fn_k, fn_factor, method_evals))
@@ -605,15 +612,16 @@ def _distributional_fns(effects: Tensor, scores: Tensor, refs: Mapping[str, Tens
     return out
 
 
-def _diagnosis(plan: dict[str, Any], backend: AbstractBackend, verified_top: int, samples: Sequence[int],
+def _diagnosis(run_of_group: AttributionResult | dict[str, Any], backend: AbstractBackend, verified_top: int, samples: Sequence[int],
                misses: Sequence[FalseNegative], effects: Tensor) -> dict[str, Any]:
-    """The diagnostic bound on the method's ranking of the group's nodes alone, and whether it covers each false negative."""
+    """The diagnostic bound on the method's ranking of the group's nodes alone (its run of the group's selections, or
+    the plan to make one), and whether it covers each false negative of that ranking."""
     from atpframework.analysis.verify import diagnose
 
-    result = run(plan, backend=backend, progress=False)
     n_nodes = effects.shape[1]
     if verified_top >= n_nodes:
         return {"skipped": f"verified_top {verified_top} is not below the {n_nodes} nodes"}
+    result = run_of_group if isinstance(run_of_group, AttributionResult) else run(run_of_group, backend=backend, progress=False)
     _, diagnosis = diagnose(result, verified_top=verified_top, samples=list(samples), backend=backend, progress=False)
     final = {c: rows[-1][1] for c, rows in diagnosis.bounds.items()}
     worst = {str(c): int(n) for c, n in diagnosis.worst_node.items()}
