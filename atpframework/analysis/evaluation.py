@@ -436,7 +436,8 @@ def evaluate(
         backend: the loaded model.
         model_source: the plans' ``model.source`` (a label; the backend is what runs).
         k_max: the largest k of the recall curves (fewer where fewer nodes have a nonzero effect).
-        fn_k, fn_factor: a false negative is a true top-``fn_k`` node ranked below ``fn_factor * fn_k``.
+        fn_k: a false negative is a true top-``fn_k`` node ranked below ``fn_factor * fn_k``.
+        fn_factor: see ``fn_k``.
         tolerance: what *close* and *small* mean in ``explain_miss``.
         explain: run the reference methods (``REFERENCES``) that are not among ``methods``, for the reasons.
         diagnose_samples: sample budgets of the diagnostic bound run on each method's distributional ranking
