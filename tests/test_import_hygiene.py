@@ -186,7 +186,7 @@ LAYERS = [
     ("python api", ["api"]),
     ("tasks", ["tasks", "tasks.base", "tasks.forward", "tasks.ioi", "tasks.city", "tasks.greater_than", "tasks.counting",
                "tasks.rand_pp", "tasks.report", "tasks.registry"]),
-    ("analysis", ["analysis", "analysis.verify", "analysis.recall", "analysis.compare", "analysis.plots", "analysis.report", "analysis.session", "analysis.figure_data", "analysis.figures", "analysis.circuits"]),
+    ("analysis", ["analysis", "analysis.verify", "analysis.recall", "analysis.compare", "analysis.plots", "analysis.report", "analysis.session", "analysis.figure_data", "analysis.figures", "analysis.circuits", "analysis.evaluation"]),
     ("entry points", ["cli", "testing", "__init__", "__main__"]),
 ]
 """The layers of docs/architecture.md, top first (one folder of atpframework/ each, the foundations and the

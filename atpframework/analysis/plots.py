@@ -157,6 +157,71 @@ def plot_recall_curves(curves: Sequence[RecallCurve], path: str | os.PathLike[st
     return _save_atomically(recall_figure(curves, title), out)
 
 
+RecallBand = tuple[str, Tensor, Tensor, Tensor]
+"""One method's single-pair curves summarised over prompt pairs: its label and, per ``k`` (entry ``k-1``), the
+median, first and third quartile of ``cost(k)`` (``atpframework.analysis.evaluation``)."""
+
+
+def recall_bands_figure(bands: Sequence[RecallBand], curves: Sequence[RecallCurve] = (), title: str = "") -> "Figure":
+    """Log-log figure of the cost of verified recall over many prompt pairs (see ``plot_recall_bands``)."""
+    bands = list(bands)
+    curves = list(curves)
+    if not bands:
+        raise ValueError("bands: expected at least one (label, median, q1, q3) band")
+    checked = []
+    for i, band in enumerate(bands):
+        try:
+            label, median, q1, q3 = band
+        except (TypeError, ValueError):
+            raise ValueError(f"bands[{i}]: expected (label, median, q1, q3) (got {type(band).__name__})") from None
+        median, q1, q3 = (_vector(v, f"bands[{i}]") for v in (median, q1, q3))
+        if not (median.numel() == q1.numel() == q3.numel() >= 1):
+            raise ValueError(f"bands[{i}]: median, q1 and q3 need one value per k (got {median.numel()}, {q1.numel()}, {q3.numel()})")
+        checked.append((str(label), median, q1, q3))
+    for i, curve in enumerate(curves):
+        if not isinstance(curve, RecallCurve):
+            raise ValueError(f"curves[{i}]: expected a RecallCurve (got {type(curve).__name__})")
+    fig = _new_figure(12.0 if curves else 6.4, 4.8)
+    axes = fig.subplots(1, 2 if curves else 1, squeeze=False)[0]
+    ax = axes[0]
+    k_top = max(m.numel() for _, m, _, _ in checked)
+    for i, (label, median, q1, q3) in enumerate(checked):
+        ks = list(range(1, median.numel() + 1))
+        ax.fill_between(ks, q1.tolist(), q3.tolist(), color=f"C{i}", alpha=0.2, linewidth=0)
+        ax.plot(ks, median.tolist(), color=f"C{i}", linewidth=1.6, label=f"{label} (median, IQR band)")
+    ax.plot([1, k_top], [1, k_top], linestyle="--", color="0.4", linewidth=1.0, label="oracle (cost = k)")
+    ax.set_title("single-pair setting: each pair separately")
+    if curves:
+        other = axes[1]
+        for i, curve in enumerate(curves):
+            other.plot(range(1, curve.k_max + 1), curve.costs.tolist(), color=f"C{i}", linewidth=1.6,
+                       label=f"{curve.name} (RelCost {curve.relative:.2f})")
+        top = max(c.k_max for c in curves)
+        other.plot([1, top], [1, top], linestyle="--", color="0.4", linewidth=1.0, label="oracle (cost = k)")
+        other.set_title("distributional setting: one ranking for all pairs")
+    for axis in axes:
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        _plain_log_ticks(axis)
+        axis.set_xlabel("k: the true top-k nodes (by exact |effect|)")
+        axis.grid(True, which="major", alpha=0.3)
+        axis.legend(loc="lower right", fontsize="small")
+    axes[0].set_ylabel("cost: forward passes per prompt pair\n(method + verifications until all k are verified)")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_recall_bands(bands: Sequence[RecallBand], curves: Sequence[RecallCurve], path: str | os.PathLike[str], title: str = "") -> Path:
+    """Write the cost of verified recall over many prompt pairs to ``path`` (PNG, SVG or PDF by suffix); returns the path.
+
+    First panel (the single-pair setting): per method, the median over pairs of ``cost(k)`` against ``k``, with
+    its interquartile range as a band. Second panel (when ``curves`` are given; the distributional setting):
+    each method's one curve (``recall_figure``'s lines). Log-log, the oracle ``cost = k`` dashed, plain ticks."""
+    out = _figure_path(path)
+    return _save_atomically(recall_bands_figure(bands, curves, title), out)
+
+
 # ------------------------------------------------------------------------------------- the diagnostic
 def _check_bounds(bounds: Mapping[float, Sequence[tuple[int, float]]]) -> dict[float, list[tuple[int, float]]]:
     """Validated bounds: confidence in (0, 1) -> ``(n_samples >= 0, theta)`` sorted by samples.
