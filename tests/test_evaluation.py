@@ -77,8 +77,7 @@ def _method(group, name):
 
 
 def test_smoke_run_writes_every_table_plot_and_number(smoke):
-    out, data, stdout, wall = smoke
-    assert wall < 60
+    out, data, stdout, _ = smoke
     assert [t["task"] for t in data["tasks"]] == ["tiny_random", "planted_cancellation"]
     groups = [g["group"] for g in data["tasks"][0]["groups"]]
     assert groups == ["attn_head", "attn_q+attn_k", "attn_v", "mlp_neuron", "resid"]
