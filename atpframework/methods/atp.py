@@ -40,8 +40,8 @@ from atpframework.maths.attention import (
 )
 from atpframework.maths.graddrop import DropTerm, drop_terms
 from atpframework.methods.base import AbstractMethod, noise_forward
-from atpframework.model.backend import AbstractBackend, ModelInfo
-from atpframework.model.edges import EdgeNode, edge_effects, edge_writer_sites, stack_writers, writer_count
+from atpframework.model.backend import AbstractBackend
+from atpframework.model.edges import EdgeNode, edge_effects, edge_writer_sites, stack_writers, writer_count, writers_held
 from atpframework.model.interventions import Intervention, Patch
 from atpframework.model.node import BoundNodes
 from atpframework.model.sites import Site
@@ -427,7 +427,7 @@ class _GradientPass:
                 self.deltas[site] = self.noise_acts[site] - take_positions(self.tensors[site].detach(), self.positions)
         self.values.update({site: self.tensors[site].detach() for site in self.layout.value_sites})
         if layout.writers:
-            info, count = run.compiled.info, _writers_in(layout.writers, run.compiled.info)
+            info, count = run.compiled.info, writers_held(run.compiled.info, layout.writers)
             self.writer_delta = stack_writers(info, self.noise_acts, count) - stack_writers(info, clean_writers, count)
         return metric_clean
 
@@ -729,11 +729,6 @@ class _AttentionCache:
 def _keep_detached(store: dict[Site, Tensor], site: Site, positions: Tensor | None, act: Tensor) -> None:
     """Observer: store ``act`` detached (only ``positions``, if given)."""
     store[site] = take_positions(act.detach(), positions)
-
-
-def _writers_in(sites: tuple[Site, ...], info: ModelInfo) -> int:
-    """How many writers the writer sites ``sites`` hold."""
-    return sum(info.n_heads if s.name == "attn_result" else 1 for s in sites)
 
 
 def _with_positions(clean: Tensor, noise: Tensor, positions: Tensor | None) -> Tensor:

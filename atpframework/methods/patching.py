@@ -21,7 +21,7 @@ from torch import Tensor
 
 from atpframework.io.results import NodeNumbering
 from atpframework.methods.base import AbstractMethod, noise_forward
-from atpframework.model.edges import EdgeNode, edge_patch_delta, edge_writer_sites, stack_writers, upstream_count
+from atpframework.model.edges import EdgeNode, edge_patch_delta, edge_writer_sites, stack_writers, upstream_count, writers_held
 from atpframework.model.interventions import Intervention, Patch
 from atpframework.model.node import BoundNodes
 from atpframework.model.sites import Site
@@ -66,7 +66,7 @@ class ExactPatcher:
         with torch.no_grad():
             logits = clean.run(run.backend, run.clean_tokens)
             self.metric_clean = run.metric(logits, run.metric_inputs(run.clean_tokens))
-        count = sum(info.n_heads if s.name == "attn_result" else 1 for s in writers)
+        count = writers_held(info, writers)
         self.writer_delta = (
             stack_writers(info, self.noise_acts, count) - stack_writers(info, clean.captured, count) if writers else None
         )

@@ -76,6 +76,11 @@ def writer_sites(info: ModelInfo, count: int) -> tuple[Site, ...]:
     return tuple(needed)
 
 
+def writers_held(info: ModelInfo, sites: Sequence[Site]) -> int:
+    """How many writers the writer sites ``sites`` hold (a head-result site holds one per head)."""
+    return sum(info.n_heads if s.name == "attn_result" else 1 for s in sites)
+
+
 def stack_writers(info: ModelInfo, acts: Mapping[Site, Tensor], count: int) -> Tensor:
     """``batch pos writer d_model``: the first ``count`` writers' outputs, from activations at ``writer_sites``."""
     parts = [acts[s] if s.name == "attn_result" else acts[s][:, :, None] for s in writer_sites(info, count)]
